@@ -1,0 +1,173 @@
+//! What each `tether` subcommand does; `main.rs` only parses arguments.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config};
+use crate::server::Server;
+use crate::{Runtime, demo};
+
+/// The example configuration, shipped in the binary so `tether demo` runs anywhere.
+pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
+
+/// Logs to stderr; `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// `tether check`: prints `ok`, or every error as `FILE:LINE:COL: message`.
+pub fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => match Runtime::new(&cfg) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        },
+        Err(errors) => {
+            println!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tether serve`: runs until SIGINT or SIGTERM, then drains.
+pub async fn serve(path: &Path) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    run(&cfg, || {}).await
+}
+
+/// `tether backend`: one demo app server.
+pub async fn backend(listen: SocketAddr, name: String) -> ExitCode {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%listen, %name, "demo backend listening");
+    tokio::select! {
+        _ = demo::serve(demo::DemoApp::new(name), listener) => {}
+        _ = shutdown_signal() => {}
+    }
+    ExitCode::SUCCESS
+}
+
+/// `tether demo`: the example config's backends in-process, and the balancer.
+pub async fn demo(path: Option<&Path>) -> ExitCode {
+    let parsed = match path {
+        Some(p) => config::load(p),
+        None => config::parse("config.example.toml", EXAMPLE_CONFIG, None),
+    };
+    let cfg = match parsed {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One demo app per distinct backend address (pools may share backends).
+    let mut started = BTreeSet::new();
+    for pool in &cfg.pools {
+        for b in &pool.value.backends {
+            let addr = b.addr.get_ref().0;
+            if !started.insert(addr) {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tokio::spawn(demo::serve(demo::DemoApp::new(b.name.get_ref().clone()), l));
+                }
+                Err(e) => {
+                    eprintln!("cannot start demo backend `{}` on {addr}: {e}", b.name.get_ref());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    let listeners: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.value.listen.get_ref().0).collect();
+    run(&cfg, move || {
+        let backends: Vec<String> = started.iter().map(ToString::to_string).collect();
+        println!("tether demo: backends on {} (sessions in their own memory)", backends.join(", "));
+        for addr in &listeners {
+            println!("balancer on http://{addr}/  Try, several times:");
+            println!("  curl -c jar -b jar http://{addr}/");
+            println!("the same backend answers and the visit counter rises; without the jar every");
+            println!("request is a new client. Hash affinity by header (no cookie):");
+            println!("  curl -H 'X-User-Id: alice' http://{addr}/api/");
+        }
+        println!("Ctrl-C stops.");
+    })
+    .await
+}
+
+/// Starts the balancer for `cfg`, calls `ready`, and runs until a signal.
+async fn run(cfg: &Config, ready: impl FnOnce()) -> ExitCode {
+    let runtime = match Runtime::new(cfg) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(runtime.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    ready();
+    shutdown_signal().await;
+    let deadline = runtime.snapshot().shutdown_timeout;
+    tracing::info!(?deadline, "shutting down: draining in-flight requests");
+    if !server.shutdown(deadline).await {
+        tracing::warn!("shutdown deadline passed; remaining connections closed");
+    }
+    ExitCode::SUCCESS
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what systemd, CI and `kill` send).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

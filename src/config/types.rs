@@ -1,0 +1,306 @@
+//! The file's types, exactly as an operator writes them. Every table denies
+//! unknown keys: a typo must be an error, never a silent default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// A whole, validated configuration.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub admin: Option<AdminSection>,
+    pub timeouts: GlobalTimeouts,
+    pub listeners: Vec<Named<ListenerSection>>,
+    pub routes: Vec<RouteSection>,
+    pub pools: Vec<Named<PoolSection>>,
+}
+
+/// An entry of a table of named tables, with the span of its name.
+#[derive(Debug)]
+pub struct Named<T> {
+    pub name: String,
+    pub span: Range<usize>,
+    pub value: T,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Spanned<Addr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlobalTimeouts {
+    /// How long in-flight requests may run after SIGINT/SIGTERM. Default 30 s.
+    pub shutdown: Dur,
+}
+
+impl Default for GlobalTimeouts {
+    fn default() -> Self {
+        GlobalTimeouts { shutdown: Dur(Duration::from_secs(30)) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub listen: Spanned<Addr>,
+    /// Pool for requests no route matches; without it they get 404.
+    #[serde(default)]
+    pub default_pool: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Exact host, or `*.example.com` for any subdomain.
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    #[serde(default)]
+    pub affinity: Affinity,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub cookie: CookieSection,
+    #[serde(default)]
+    pub hash: Option<Spanned<HashSection>>,
+    #[serde(default)]
+    pub timeouts: PoolTimeouts,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+}
+
+/// How a client is pinned to a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// An injected, opaque affinity cookie (the default: tether is a sticky balancer).
+    #[default]
+    Cookie,
+    /// Consistent hashing of a request key; no cookie.
+    Hash,
+    /// No affinity: every request is balanced on its own.
+    None,
+}
+
+/// How clients without affinity are spread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Fewest in-flight requests relative to weight.
+    LeastConn,
+    /// Power of two random choices on in-flight requests.
+    Random,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CookieSection {
+    pub name: Spanned<String>,
+    pub path: String,
+    pub domain: Option<String>,
+    pub max_age: Option<Dur>,
+    pub http_only: bool,
+    pub secure: bool,
+    pub same_site: SameSite,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+    /// The signing key, read from `secret` or `secret_file` by validation.
+    #[serde(skip)]
+    pub resolved_secret: Option<Vec<u8>>,
+}
+
+impl Default for CookieSection {
+    fn default() -> Self {
+        CookieSection {
+            name: Spanned::new(0..0, "tether".to_string()),
+            path: "/".to_string(),
+            domain: None,
+            max_age: None,
+            http_only: true,
+            secure: false,
+            same_site: SameSite::Lax,
+            secret: None,
+            secret_file: None,
+            resolved_secret: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SameSite {
+    #[default]
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashSection {
+    pub key: HashKey,
+    #[serde(default)]
+    pub algorithm: HashAlgorithm,
+    /// `c` of consistent hashing with bounded loads; must be > 1.0.
+    #[serde(default)]
+    pub bounded_load: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashAlgorithm {
+    #[default]
+    Ring,
+    Maglev,
+}
+
+/// What a hash pool hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
+    ClientIp,
+    Path,
+}
+
+impl FromStr for HashKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid hash key `{s}`: expected \"header:NAME\", \"cookie:NAME\", \"query:NAME\", \"client_ip\" or \"path\""
+            )
+        };
+        match s.split_once(':') {
+            None if s == "client_ip" => Ok(HashKey::ClientIp),
+            None if s == "path" => Ok(HashKey::Path),
+            Some((_, "")) | None => Err(bad()),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| format!("invalid header name `{name}` in hash key")),
+            Some(("cookie", name)) => Ok(HashKey::Cookie(name.to_string())),
+            Some(("query", name)) => Ok(HashKey::Query(name.to_string())),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolTimeouts {
+    /// TCP connect to a backend. Default 5 s.
+    pub connect: Dur,
+    /// From sending the request to the backend's response headers. Default 60 s.
+    pub response: Dur,
+}
+
+impl Default for PoolTimeouts {
+    fn default() -> Self {
+        PoolTimeouts { connect: Dur(Duration::from_secs(5)), response: Dur(Duration::from_secs(60)) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    /// Stable identity within the pool; affinity refers to it.
+    pub name: Spanned<String>,
+    pub addr: Spanned<Addr>,
+    /// 0..=256; 0 means no new clients. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: Spanned<u32>,
+}
+
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// A socket address written as `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Addr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Addr).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid address `{s}`: expected IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""
+            ))
+        })
+    }
+}
+
+/// A duration written as `"250ms"`, `"2s"`, `"1m"`, `"1h"` or a sum such as `"1m30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid duration `{s}`: expected e.g. \"250ms\", \"2s\", \"1m\", \"1h\"");
+        let mut rest = s.trim();
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        let mut total = Duration::ZERO;
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = &rest[digits..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit = match &rest[..unit_len] {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n.saturating_mul(60)),
+                "h" => Duration::from_secs(n.saturating_mul(3600)),
+                _ => return Err(bad()),
+            };
+            total = total.checked_add(unit).ok_or_else(bad)?;
+            rest = &rest[unit_len..];
+        }
+        Ok(Dur(total))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}

@@ -1,0 +1,270 @@
+//! Header rewriting in both directions, and the response body that gives
+//! its connection back to the pool.
+//!
+//! Hop-by-hop headers (RFC 9110 §7.6.1), including every header named in
+//! `Connection`, are removed *before* tether adds its own, so a client can
+//! never make tether drop `X-Forwarded-For` by listing it in `Connection`.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::live::InFlight;
+use crate::upstream::Connection;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Tells the backend how the client was placed: `new`, `kept`, `hashed`,
+/// `fallback`, `reassigned` (its session lived on another backend) or `balanced`.
+pub const TETHER_AFFINITY: HeaderName = HeaderName::from_static("tether-affinity");
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers and those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes one cookie from the `Cookie` headers, keeping all others.
+/// Allocates only when the cookie is present.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let present = crate::select::cookie_values(headers, name).next().is_some();
+    if !present {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(n, _)| n.trim() != name))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// What the upstream request needs besides the client's request.
+pub struct Upstream<'a> {
+    pub client_ip: IpAddr,
+    pub https: bool,
+    pub affinity_cookie: Option<&'a str>,
+    pub affinity: &'static str,
+}
+
+/// Turns a client request into the request sent to a backend: HTTP/1.1,
+/// origin-form URI, hop-by-hop headers out, forwarding headers in.
+pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
+    let host_from_uri = req.uri().authority().map(|a| a.as_str().to_string());
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Some(name) = up.affinity_cookie {
+        remove_cookie(headers, name);
+    }
+    // HTTP/2 requests carry the host in the URI, not in a Host header.
+    if !headers.contains_key(header::HOST) {
+        if let Some(h) = host_from_uri.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(header::HOST, h);
+        }
+    }
+    let host = headers.get(header::HOST).cloned();
+    headers.insert(X_FORWARDED_FOR, ip_header(up.client_ip));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if up.https { "https" } else { "http" }));
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST, h),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers.insert(TETHER_AFFINITY, HeaderValue::from_static(up.affinity));
+    let origin_form = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    if let Ok(uri) = origin_form.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+}
+
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    let ip = ip.to_canonical();
+    // An IP address is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Cleans a backend response and, when the client was just (re)assigned,
+/// adds its affinity cookie and keeps the response out of shared caches.
+pub fn downstream_response<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderValue>) {
+    let headers = resp.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Some(cookie) = set_cookie {
+        headers.append(header::SET_COOKIE, cookie.clone());
+        let forbids_caching = headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| {
+                let d = d.trim();
+                d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store")
+            });
+        if !forbids_caching {
+            headers.append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        }
+    }
+}
+
+/// A backend's response body on its way to the client. When it has been
+/// read to the end its connection goes back to the pool; until it is
+/// dropped the backend counts the request as in flight.
+pub struct ProxyBody {
+    inner: Incoming,
+    conn: Option<Connection>,
+    in_flight: InFlight,
+}
+
+impl ProxyBody {
+    pub fn new(inner: Incoming, conn: Connection, in_flight: InFlight) -> Self {
+        let mut body = ProxyBody { inner, conn: Some(conn), in_flight };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.in_flight.live().upstream.put_back(conn);
+        }
+    }
+}
+
+impl HttpBody for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            // A broken body means a broken connection: never reuse it.
+            Poll::Ready(Some(Err(_))) => self.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_listed_headers_go_but_forwarding_headers_are_added_after() {
+        let mut req = Request::builder()
+            .uri("/p?q=1")
+            .header("host", "shop.example.com")
+            .header("connection", "x-forwarded-for, x-drop-me, keep-alive")
+            .header("x-drop-me", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("cookie", "a=1; tether=abc; b=2")
+            .body(())
+            .unwrap();
+        let up = Upstream { client_ip: "127.0.0.2".parse().unwrap(), https: false, affinity_cookie: Some("tether"), affinity: "kept" };
+        upstream_request(&mut req, &up);
+        let h = req.headers();
+        assert!(h.get("x-drop-me").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("te").is_none());
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.2");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example.com");
+        assert_eq!(h.get("cookie").unwrap(), "a=1; b=2");
+        assert_eq!(h.get("tether-affinity").unwrap(), "kept");
+        assert_eq!(req.uri(), "/p?q=1");
+    }
+
+    #[test]
+    fn only_the_affinity_cookie_is_removed() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("tether=x"));
+        h.append("cookie", HeaderValue::from_static("sid=7; tetherx=1"));
+        remove_cookie(&mut h, "tether");
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), vec!["sid=7; tetherx=1"]);
+        let mut only = HeaderMap::new();
+        only.insert("cookie", HeaderValue::from_static("tether=x"));
+        remove_cookie(&mut only, "tether");
+        assert!(only.get("cookie").is_none());
+    }
+
+    #[test]
+    fn h2_request_gets_host_from_its_authority() {
+        let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
+        let up = Upstream { client_ip: "::1".parse().unwrap(), https: true, affinity_cookie: None, affinity: "new" };
+        upstream_request(&mut req, &up);
+        assert_eq!(req.headers().get("host").unwrap(), "a.example.com:8080");
+        assert_eq!(req.headers().get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/x");
+    }
+
+    #[test]
+    fn inserted_cookie_adds_private_unless_caching_is_already_forbidden() {
+        let cookie = HeaderValue::from_static("tether=1; Path=/");
+        let mut plain = Response::builder().header("cache-control", "max-age=60").body(()).unwrap();
+        downstream_response(&mut plain, Some(&cookie));
+        let cc: Vec<_> = plain.headers().get_all("cache-control").iter().collect();
+        assert_eq!(cc, vec!["max-age=60", "private"]);
+
+        let mut no_store = Response::builder().header("cache-control", "no-store").body(()).unwrap();
+        downstream_response(&mut no_store, Some(&cookie));
+        assert_eq!(no_store.headers().get_all("cache-control").iter().count(), 1);
+
+        let mut app_cookie = Response::builder().header("set-cookie", "sid=1").header("connection", "close").body(()).unwrap();
+        downstream_response(&mut app_cookie, None);
+        assert_eq!(app_cookie.headers().get("set-cookie").unwrap(), "sid=1");
+        assert!(app_cookie.headers().get("cache-control").is_none());
+        assert!(app_cookie.headers().get("connection").is_none());
+    }
+}

@@ -1,0 +1,64 @@
+//! The `tether` command: parses arguments and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "A sticky-session HTTP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: prints `ok` or every error as FILE:LINE:COL: message.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo app server that keeps sessions in its own memory.
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+    /// Start the example config's demo backends and the balancer in one process.
+    Demo {
+        /// Use this config instead of the built-in config.example.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tether::cli::init_tracing();
+    if let Command::Check { config } = &cli.command {
+        return tether::cli::check(config);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => tether::cli::serve(&config).await,
+            Command::Check { config } => tether::cli::check(&config),
+            Command::Backend { listen, name } => tether::cli::backend(listen, name).await,
+            Command::Demo { config } => tether::cli::demo(config.as_deref()).await,
+        }
+    })
+}

@@ -1,0 +1,235 @@
+//! The compiled, immutable runtime form of a configuration.
+//!
+//! Everything a request needs that can be computed once is computed here:
+//! routes, round-robin sequences, hash tables, cookie values and the
+//! `Set-Cookie` header of every backend. A snapshot is never mutated; a
+//! reload compiles a new one and swaps it in atomically. Live state
+//! (counters, health, connections) is shared with earlier snapshots through
+//! the [`Registry`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::balance::RoundRobin;
+use crate::balance::cookie::CookieCodec;
+use crate::balance::hash::{Algorithm, HashTable};
+use crate::config::{self, Affinity, Balance, Config, HashAlgorithm, HashKey, SameSite};
+use crate::live::{BackendKey, BackendLive, Registry};
+use crate::routing::Router;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Goes up by one with every applied configuration.
+    pub version: u64,
+    pub listeners: Vec<ListenerSpec>,
+    pub router: Router,
+    pub pools: Vec<Pool>,
+    pub shutdown_timeout: Duration,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub default_pool: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub affinity: AffinityRule,
+    pub balance: Balance,
+    pub round_robin: RoundRobin,
+    /// Rotates where least-conn starts scanning, to spread ties.
+    pub tie_breaker: AtomicUsize,
+    pub weights: Vec<u32>,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub enum AffinityRule {
+    None,
+    Cookie(CookieRule),
+    Hash(HashRule),
+}
+
+#[derive(Debug)]
+pub struct CookieRule {
+    pub name: String,
+    pub codec: CookieCodec,
+    /// (opaque id, backend index), for the few backends of a pool a scan is
+    /// faster than a map.
+    pub ids: Vec<(u64, usize)>,
+}
+
+#[derive(Debug)]
+pub struct HashRule {
+    pub key: HashKey,
+    pub table: HashTable,
+    pub bounded_load: Option<f64>,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// The affinity cookie value naming this backend (cookie pools).
+    pub cookie_value: Box<str>,
+    /// The complete `Set-Cookie` header that pins a client here.
+    pub set_cookie: Option<HeaderValue>,
+    pub live: Arc<BackendLive>,
+}
+
+impl Snapshot {
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| &*p.name == name)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerSpec> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+impl Pool {
+    /// The backend a verified affinity cookie value names.
+    pub fn backend_for_cookie(&self, value: &str) -> Option<usize> {
+        let AffinityRule::Cookie(rule) = &self.affinity else { return None };
+        let id = crate::balance::cookie::parse_id(value)?;
+        let &(_, idx) = rule.ids.iter().find(|(i, _)| *i == id)?;
+        let expected = self.backends.get(idx)?.cookie_value.as_bytes();
+        crate::balance::cookie::constant_time_eq(expected, value.as_bytes()).then_some(idx)
+    }
+}
+
+/// Compiles a validated configuration. Fails only on what validation cannot
+/// see (such as two backend names whose cookie ids collide).
+pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapshot, String> {
+    let pool_index = |name: &str| cfg.pools.iter().position(|p| p.name == name);
+    let mut pools = Vec::with_capacity(cfg.pools.len());
+    for p in &cfg.pools {
+        pools.push(compile_pool(&p.name, &p.value, registry)?);
+    }
+    let listeners = cfg
+        .listeners
+        .iter()
+        .map(|l| ListenerSpec {
+            name: l.name.clone(),
+            addr: l.value.listen.get_ref().0,
+            default_pool: l.value.default_pool.as_ref().and_then(|p| pool_index(p.get_ref())),
+        })
+        .collect();
+    let mut router = Router::default();
+    for r in &cfg.routes {
+        let pool = pool_index(r.pool.get_ref()).ok_or_else(|| format!("unknown pool {}", r.pool.get_ref()))?;
+        router.push(
+            r.host.as_ref().map(|h| h.get_ref().as_str()),
+            r.path_prefix.as_ref().map(|p| p.get_ref().as_str()),
+            pool,
+        );
+    }
+    Ok(Snapshot {
+        version,
+        listeners,
+        router,
+        pools,
+        shutdown_timeout: cfg.timeouts.shutdown.0,
+        admin: cfg.admin.as_ref().map(|a| a.listen.get_ref().0),
+    })
+}
+
+fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Result<Pool, String> {
+    let codec = CookieCodec::new(name, p.cookie.name.get_ref(), p.cookie.resolved_secret.as_deref());
+    let mut backends = Vec::with_capacity(p.backends.len());
+    for b in &p.backends {
+        let bname = b.name.get_ref().as_str();
+        let live = registry.get_or_create(BackendKey {
+            pool: name.to_string(),
+            name: bname.to_string(),
+            addr: b.addr.get_ref().0,
+        });
+        let cookie_value = codec.encode(bname);
+        let set_cookie = match p.affinity {
+            Affinity::Cookie => Some(set_cookie_header(&p.cookie, &cookie_value)?),
+            _ => None,
+        };
+        backends.push(Backend {
+            name: Arc::from(bname),
+            addr: b.addr.get_ref().0,
+            weight: *b.weight.get_ref(),
+            cookie_value: cookie_value.into_boxed_str(),
+            set_cookie,
+            live,
+        });
+    }
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    let affinity = match p.affinity {
+        Affinity::None => AffinityRule::None,
+        Affinity::Cookie => {
+            let mut ids: Vec<(u64, usize)> = Vec::with_capacity(backends.len());
+            for (i, b) in backends.iter().enumerate() {
+                let id = codec.backend_id(&b.name);
+                if let Some(&(_, other)) = ids.iter().find(|(x, _)| *x == id) {
+                    return Err(format!(
+                        "pool `{name}`: backends `{}` and `{}` get the same cookie id; rename one",
+                        backends[other].name, b.name
+                    ));
+                }
+                ids.push((id, i));
+            }
+            AffinityRule::Cookie(CookieRule { name: p.cookie.name.get_ref().clone(), codec, ids })
+        }
+        Affinity::Hash => {
+            let hash = p.hash.as_ref().ok_or_else(|| format!("pool `{name}`: hash affinity without [hash]"))?;
+            let hash = hash.get_ref();
+            let algorithm = match hash.algorithm {
+                HashAlgorithm::Ring => Algorithm::Ring,
+                HashAlgorithm::Maglev => Algorithm::Maglev,
+            };
+            let entries: Vec<(&str, u32)> = backends.iter().map(|b| (&*b.name, b.weight)).collect();
+            AffinityRule::Hash(HashRule {
+                key: hash.key.clone(),
+                table: HashTable::build(algorithm, &entries),
+                bounded_load: hash.bounded_load.as_ref().map(|c| *c.get_ref()),
+            })
+        }
+    };
+    Ok(Pool {
+        name: Arc::from(name),
+        affinity,
+        balance: p.balance,
+        round_robin: RoundRobin::new(&weights),
+        tie_breaker: AtomicUsize::new(0),
+        weights,
+        backends,
+        connect_timeout: p.timeouts.connect.0,
+        response_timeout: p.timeouts.response.0,
+    })
+}
+
+fn set_cookie_header(c: &config::CookieSection, value: &str) -> Result<HeaderValue, String> {
+    let mut b = cookie::Cookie::build((c.name.get_ref().clone(), value.to_string()))
+        .path(c.path.clone())
+        .http_only(c.http_only)
+        .secure(c.secure)
+        .same_site(match c.same_site {
+            SameSite::Lax => cookie::SameSite::Lax,
+            SameSite::Strict => cookie::SameSite::Strict,
+            SameSite::None => cookie::SameSite::None,
+        });
+    if let Some(domain) = &c.domain {
+        b = b.domain(domain.clone());
+    }
+    if let Some(age) = c.max_age {
+        let secs = i64::try_from(age.0.as_secs()).unwrap_or(i64::MAX);
+        b = b.max_age(cookie::time::Duration::seconds(secs));
+    }
+    HeaderValue::from_str(&b.build().to_string()).map_err(|e| format!("cookie attributes: {e}"))
+}
