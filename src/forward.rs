@@ -210,7 +210,12 @@ mod tests {
             .header("cookie", "a=1; tether=abc; b=2")
             .body(())
             .unwrap();
-        let up = Upstream { client_ip: "127.0.0.2".parse().unwrap(), https: false, affinity_cookie: Some("tether"), affinity: "kept" };
+        let up = Upstream {
+            client_ip: "127.0.0.2".parse().unwrap(),
+            https: false,
+            affinity_cookie: Some("tether"),
+            affinity: "kept",
+        };
         upstream_request(&mut req, &up);
         let h = req.headers();
         assert!(h.get("x-drop-me").is_none());
@@ -261,7 +266,8 @@ mod tests {
         downstream_response(&mut no_store, Some(&cookie));
         assert_eq!(no_store.headers().get_all("cache-control").iter().count(), 1);
 
-        let mut app_cookie = Response::builder().header("set-cookie", "sid=1").header("connection", "close").body(()).unwrap();
+        let mut app_cookie =
+            Response::builder().header("set-cookie", "sid=1").header("connection", "close").body(()).unwrap();
         downstream_response(&mut app_cookie, None);
         assert_eq!(app_cookie.headers().get("set-cookie").unwrap(), "sid=1");
         assert!(app_cookie.headers().get("cache-control").is_none());

@@ -93,7 +93,11 @@ struct Placement {
 }
 
 /// The hyper service function for one client request.
-pub async fn handle(runtime: Arc<Runtime>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    runtime: Arc<Runtime>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -143,7 +147,12 @@ async fn proxy(
     let mut req = req.map(|b| b.boxed());
     forward::upstream_request(
         &mut req,
-        &forward::Upstream { client_ip: conn.peer.ip(), https: conn.https, affinity_cookie, affinity: sel.outcome.as_str() },
+        &forward::Upstream {
+            client_ip: conn.peer.ip(),
+            https: conn.https,
+            affinity_cookie,
+            affinity: sel.outcome.as_str(),
+        },
     );
 
     let mut tried: Vec<usize> = Vec::new();
@@ -152,7 +161,8 @@ async fn proxy(
         placed.backend = Some(backend.name.clone());
         placed.outcome = Some(sel.outcome);
         let in_flight = backend.live.start_request();
-        let sent = tokio::time::timeout(pool.response_timeout, backend.live.upstream.send(req, pool.connect_timeout)).await;
+        let sent =
+            tokio::time::timeout(pool.response_timeout, backend.live.upstream.send(req, pool.connect_timeout)).await;
         match sent {
             Ok(Ok((resp, connection))) => {
                 let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());

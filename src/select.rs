@@ -77,11 +77,21 @@ pub fn select(pool: &Pool, req: &RequestKey<'_>) -> Option<Selection> {
             for value in cookie_values(req.headers, &rule.name) {
                 match pool.backend_for_cookie(value) {
                     Some(i) if usable(pool, i) => {
-                        return Some(Selection { backend: i, outcome: Outcome::Kept, set_cookie: false, invalid_cookie });
+                        return Some(Selection {
+                            backend: i,
+                            outcome: Outcome::Kept,
+                            set_cookie: false,
+                            invalid_cookie,
+                        });
                     }
                     Some(_) => {
                         let backend = pick_new(pool, |_| true)?;
-                        return Some(Selection { backend, outcome: Outcome::Reassigned, set_cookie: true, invalid_cookie });
+                        return Some(Selection {
+                            backend,
+                            outcome: Outcome::Reassigned,
+                            set_cookie: true,
+                            invalid_cookie,
+                        });
                     }
                     None => invalid_cookie = true,
                 }
@@ -90,18 +100,29 @@ pub fn select(pool: &Pool, req: &RequestKey<'_>) -> Option<Selection> {
             Some(Selection { backend, outcome: Outcome::New, set_cookie: true, invalid_cookie })
         }
         AffinityRule::Hash(rule) => {
-            let Some(key) = extract_key(&rule.key, req) else {
+            let Some(h) = key_hash(&rule.key, req) else {
                 let backend = pick_new(pool, |_| true)?;
-                return Some(Selection { backend, outcome: Outcome::Fallback, set_cookie: false, invalid_cookie: false });
+                return Some(Selection {
+                    backend,
+                    outcome: Outcome::Fallback,
+                    set_cookie: false,
+                    invalid_cookie: false,
+                });
             };
-            let h = hash_key(&key);
             let owner = rule.table.owner(h)?;
-            let backend = match rule.bounded_load {
+            let live = |i: usize| pool.backends[i].live.in_flight();
+            let chosen = match rule.bounded_load {
                 Some(c) => {
-                    let (total, count) = pool_load(pool);
-                    rule.table.pick_bounded(h, c, total, count, |i| pool.backends[i].live.in_flight(), |i| usable(pool, i))?
+                    let (total, total_weight) = pool_load(pool);
+                    let weight = |i: usize| pool.weights[i];
+                    rule.table.pick_bounded(h, c, total, total_weight, weight, live, |i| usable(pool, i))
                 }
-                None => rule.table.candidates(h).find(|&i| usable(pool, i))?,
+                None => rule.table.candidates(h).find(|&i| usable(pool, i)),
+            };
+            // Every backend on the key's probe sequence is out: balance.
+            let backend = match chosen {
+                Some(b) => b,
+                None => pick_new(pool, |_| true)?,
             };
             // Moved off a down owner: the session that lived there is lost.
             // Moved by bounded load: the owner is fine, just busy.
@@ -131,31 +152,27 @@ pub fn usable(pool: &Pool, i: usize) -> bool {
     pool.backends.get(i).is_some_and(|b| b.live.is_up())
 }
 
-/// Total in-flight requests and number of usable backends with weight.
-fn pool_load(pool: &Pool) -> (u64, usize) {
+/// Total in-flight requests and total weight of usable backends.
+fn pool_load(pool: &Pool) -> (u64, u64) {
     pool.backends
         .iter()
         .enumerate()
         .filter(|(i, b)| b.weight > 0 && usable(pool, *i))
-        .fold((0, 0), |(t, n), (_, b)| (t + b.live.in_flight(), n + 1))
+        .fold((0, 0), |(t, w), (_, b)| (t + b.live.in_flight(), w + u64::from(b.weight)))
 }
 
 /// Values of every cookie called `name` in the request's Cookie headers.
 pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(move |pair| {
-            let (n, v) = pair.trim().split_once('=')?;
-            (n.trim() == name).then(|| v.trim().trim_matches('"'))
-        })
+    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).filter_map(move |pair| {
+        let (n, v) = pair.trim().split_once('=')?;
+        (n.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
 }
 
-fn extract_key<'a>(key: &'a HashKey, req: &'a RequestKey<'_>) -> Option<std::borrow::Cow<'a, [u8]>> {
-    use std::borrow::Cow;
-    let non_empty = |b: &'a [u8]| (!b.is_empty()).then_some(Cow::Borrowed(b));
+/// The hash of the request's key, or `None` when the key is missing or
+/// empty. Hashes in place: no allocation.
+fn key_hash(key: &HashKey, req: &RequestKey<'_>) -> Option<u64> {
+    let non_empty = |b: &[u8]| (!b.is_empty()).then(|| hash_key(b));
     match key {
         HashKey::Header(name) => non_empty(req.headers.get(name)?.as_bytes()),
         HashKey::Cookie(name) => non_empty(cookie_values(req.headers, name).next()?.as_bytes()),
@@ -167,10 +184,10 @@ fn extract_key<'a>(key: &'a HashKey, req: &'a RequestKey<'_>) -> Option<std::bor
             })?;
             non_empty(v.as_bytes())
         }
-        HashKey::ClientIp => Some(Cow::Owned(match req.client_ip {
-            IpAddr::V4(ip) => ip.octets().to_vec(),
-            IpAddr::V6(ip) => ip.to_canonical().to_string().into_bytes(),
-        })),
-        HashKey::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+        HashKey::ClientIp => Some(match req.client_ip.to_canonical() {
+            IpAddr::V4(ip) => hash_key(&ip.octets()),
+            IpAddr::V6(ip) => hash_key(&ip.octets()),
+        }),
+        HashKey::Path => Some(hash_key(req.uri.path().as_bytes())),
     }
 }

@@ -39,9 +39,7 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::Timeout => f.write_str("connect timeout"),
-            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                f.write_str("connect refused")
-            }
+            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => f.write_str("connect refused"),
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
             ConnectError::Handshake(e) => write!(f, "connection failed before sending: {e}"),
         }
@@ -96,9 +94,7 @@ impl Upstream {
         match conn.try_send_request(request).await {
             Ok(resp) => Ok((resp, conn)),
             Err(mut e) => match e.take_message() {
-                Some(request) => {
-                    Err(SendError::NotSent { request, cause: ConnectError::Handshake(e.into_error()) })
-                }
+                Some(request) => Err(SendError::NotSent { request, cause: ConnectError::Handshake(e.into_error()) }),
                 None => Err(SendError::Failed(e.into_error())),
             },
         }
@@ -138,10 +134,8 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let (conn, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
+        let (conn, driver) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ConnectError::Handshake)?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(e) = driver.with_upgrades().await {

@@ -8,7 +8,6 @@
 //!   eligible (down, draining, weight 0).
 
 pub mod cookie;
-#[path = "/tmp/hash_stub.rs"]
 pub mod hash;
 
 use std::cell::Cell;
@@ -114,11 +113,7 @@ pub fn least_conn(
 
 /// Power of two choices: two random eligible backends, the lighter wins.
 /// Near least-conn quality without scanning every backend.
-pub fn power_of_two(
-    weights: &[u32],
-    load: impl Fn(usize) -> u64,
-    eligible: impl Fn(usize) -> bool,
-) -> Option<usize> {
+pub fn power_of_two(weights: &[u32], load: impl Fn(usize) -> u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
     let n = weights.len();
     if n == 0 {
         return None;
@@ -128,9 +123,7 @@ pub fn power_of_two(
     // then fall back to a scan.
     let draw = || (0..8).map(|_| random_below(n)).find(|&i| usable(i));
     match (draw(), draw()) {
-        (Some(a), Some(b)) => {
-            Some(if lighter(load(b), weights[b], load(a), weights[a]) { b } else { a })
-        }
+        (Some(a), Some(b)) => Some(if lighter(load(b), weights[b], load(a), weights[a]) { b } else { a }),
         (Some(a), None) | (None, Some(a)) => Some(a),
         (None, None) => least_conn(weights, random_below(n), load, eligible),
     }

@@ -95,9 +95,7 @@ pub fn parse(name: &str, text: &str, base_dir: Option<&Path>) -> Result<Config, 
             "routes" => file.routes = errs.array_sections(value, "routes"),
             other => errs.at(
                 key.span(),
-                format!(
-                    "unknown section `{other}`; expected one of: admin, timeouts, listeners, routes, pools"
-                ),
+                format!("unknown section `{other}`; expected one of: admin, timeouts, listeners, routes, pools"),
             ),
         }
     }
@@ -147,11 +145,7 @@ impl<'a> Errors<'a> {
     }
 
     /// A table of named tables (`[pools.NAME]`): each entry on its own.
-    fn named_sections<T: DeserializeOwned>(
-        &mut self,
-        value: Spanned<DeValue<'_>>,
-        what: &str,
-    ) -> Vec<Named<T>> {
+    fn named_sections<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, what: &str) -> Vec<Named<T>> {
         let span = value.span();
         let DeValue::Table(table) = value.into_inner() else {
             self.at(span, format!("`{what}` must be a table of named tables, e.g. [{what}.NAME]"));
@@ -168,11 +162,7 @@ impl<'a> Errors<'a> {
     }
 
     /// An array of tables (`[[routes]]`): each element on its own.
-    fn array_sections<T: DeserializeOwned>(
-        &mut self,
-        value: Spanned<DeValue<'_>>,
-        what: &str,
-    ) -> Vec<T> {
+    fn array_sections<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, what: &str) -> Vec<T> {
         let span = value.span();
         let DeValue::Array(items) = value.into_inner() else {
             self.at(span, format!("`{what}` must be an array of tables, e.g. [[{what}]]"));

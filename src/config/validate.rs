@@ -78,7 +78,10 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         if p.affinity == Affinity::Hash && p.hash.is_none() {
             errs.at(
                 pool.span.clone(),
-                format!("pool `{}` has affinity = \"hash\" but no [pools.{}.hash] table with a `key`", pool.name, pool.name),
+                format!(
+                    "pool `{}` has affinity = \"hash\" but no [pools.{}.hash] table with a `key`",
+                    pool.name, pool.name
+                ),
             );
         }
         if let Some(hash) = &p.hash {

@@ -1,0 +1,337 @@
+//! Consistent hashing: a ketama-style ring and a Maglev table, both built
+//! once per snapshot, plus the bounded-load walk.
+//!
+//! Placement depends only on the key and the backends' names and weights:
+//! never on config order, process or restart (xxh3 with fixed seeds), so
+//! every tether instance with one config agrees on every key.
+//!
+//! - **Ring**: each backend owns `weight × POINTS_PER_WEIGHT` points, the
+//!   first points of its own hash sequence. Removing a backend removes only
+//!   its points, so only its keys move; changing a weight adds or removes
+//!   only that backend's points.
+//! - **Maglev** (Eisenbud et al., NSDI 2016): a lookup table of fixed prime
+//!   size filled by per-backend permutations. Near-perfect balance and an
+//!   O(1) lookup; a change moves slightly more than the minimum.
+//!
+//! Both offer [`HashTable::candidates`]: the owner, then the next distinct
+//! backends along the key's probe sequence. Failover and bounded loads walk
+//! it, so they are deterministic per key too.
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Ring points per unit of weight. 1024 keeps the most loaded of 50 equal
+/// backends within about 1.07× the average share.
+pub const POINTS_PER_WEIGHT: u64 = 1024;
+/// Most ring points in one pool (32 MiB). Beyond it every backend's points
+/// are scaled down alike, which keeps proportions but is the one case where a
+/// weight change also moves keys between other backends.
+pub const MAX_RING_POINTS: u64 = 1 << 22;
+/// Low bits of a ring entry that hold the backend index.
+const INDEX_BITS: u32 = 16;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+/// Most backends a pool can hash over (the ring packs indices in 16 bits).
+pub const MAX_BACKENDS: usize = 1 << INDEX_BITS;
+
+const SEED_OFFSET: u64 = 0x7465_7468_6572_6f66; // "tetherof"
+const SEED_SKIP: u64 = 0x7465_7468_6572_736b; // "tethersk"
+
+/// The hash of a request key. Fixed and well known: xxh3-64, seed 0.
+pub fn hash_key(key: &[u8]) -> u64 {
+    xxh3_64(key)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Ring,
+    Maglev,
+}
+
+/// A consistent-hash table over one pool's backends (by index).
+#[derive(Debug)]
+pub struct HashTable {
+    kind: Kind,
+    /// Backends with weight > 0: the most distinct candidates a walk yields.
+    members: usize,
+    backends: usize,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// Sorted `point & !INDEX_MASK | index`.
+    Ring(Box<[u64]>),
+    /// `slot → backend index`.
+    Maglev(Box<[u32]>),
+}
+
+impl HashTable {
+    /// Builds the table for `(name, weight)` per backend index. Weight-0
+    /// backends own no keys.
+    pub fn build(algorithm: Algorithm, backends: &[(&str, u32)]) -> HashTable {
+        let backends = &backends[..backends.len().min(MAX_BACKENDS)];
+        let members = backends.iter().filter(|(_, w)| *w > 0).count();
+        let kind = match algorithm {
+            Algorithm::Ring => Kind::Ring(build_ring(backends)),
+            Algorithm::Maglev => Kind::Maglev(build_maglev(backends)),
+        };
+        HashTable { kind, members, backends: backends.len() }
+    }
+
+    /// The backend that owns `hash`, if any backend has weight.
+    pub fn owner(&self, hash: u64) -> Option<usize> {
+        match &self.kind {
+            Kind::Ring(points) => {
+                let start = ring_start(points, hash)?;
+                Some((points[start] & INDEX_MASK) as usize)
+            }
+            Kind::Maglev(table) => {
+                let len = table.len() as u64;
+                (len > 0).then(|| table[(hash % len) as usize] as usize)
+            }
+        }
+    }
+
+    /// The owner of `hash`, then every other backend with weight, each once,
+    /// in the key's deterministic probe order.
+    pub fn candidates(&self, hash: u64) -> Candidates<'_> {
+        let (entries, start): (Entries<'_>, usize) = match &self.kind {
+            Kind::Ring(points) => (Entries::Ring(points), ring_start(points, hash).unwrap_or(0)),
+            Kind::Maglev(table) => {
+                let len = table.len().max(1) as u64;
+                (Entries::Maglev(table), (hash % len) as usize)
+            }
+        };
+        Candidates { entries, start, step: 0, yielded: 0, members: self.members, seen: Seen::new(self.backends) }
+    }
+
+    /// Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam):
+    /// the first usable candidate whose in-flight load stays within
+    /// `c × (total + 1) × weight / total_weight`, rounded up. `total` and
+    /// `total_weight` are over usable backends. Falls back to the first
+    /// usable candidate if every one is full (only possible while loads
+    /// change under the walk).
+    pub fn pick_bounded(
+        &self,
+        hash: u64,
+        c: f64,
+        total: u64,
+        total_weight: u64,
+        weight: impl Fn(usize) -> u32,
+        load: impl Fn(usize) -> u64,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut first = None;
+        for i in self.candidates(hash).filter(|&i| usable(i)) {
+            first.get_or_insert(i);
+            if load(i) < capacity(c, total, weight(i), total_weight) {
+                return Some(i);
+            }
+        }
+        first
+    }
+
+    /// How many table entries or ring points each backend owns (for tests
+    /// and status).
+    pub fn shares(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.backends];
+        match &self.kind {
+            Kind::Ring(points) => {
+                // A point owns the arc from its predecessor up to itself.
+                let mut prev = points.last().map_or(0, |p| p & !INDEX_MASK);
+                for (k, p) in points.iter().enumerate() {
+                    let pos = p & !INDEX_MASK;
+                    let arc = if k == 0 { pos.wrapping_sub(prev) } else { pos - prev };
+                    out[(p & INDEX_MASK) as usize] += arc >> INDEX_BITS;
+                    prev = pos;
+                }
+            }
+            Kind::Maglev(table) => {
+                for &b in table.iter() {
+                    out[b as usize] += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Most in-flight requests a backend may hold under bounded loads, counting
+/// the request being placed.
+pub fn capacity(c: f64, total: u64, weight: u32, total_weight: u64) -> u64 {
+    if total_weight == 0 {
+        return u64::MAX;
+    }
+    let share = (total + 1) as f64 * f64::from(weight) / total_weight as f64;
+    (c * share).ceil() as u64
+}
+
+// === ring ===
+
+fn build_ring(backends: &[(&str, u32)]) -> Box<[u64]> {
+    let total_weight: u64 = backends.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total_weight == 0 {
+        return Box::new([]);
+    }
+    let per_weight = POINTS_PER_WEIGHT.min((MAX_RING_POINTS / total_weight).max(1));
+    let mut points = Vec::with_capacity((total_weight * per_weight) as usize);
+    for (index, (name, weight)) in backends.iter().enumerate() {
+        let base = xxh3_64(name.as_bytes());
+        for k in 0..u64::from(*weight) * per_weight {
+            let point = xxh3_64_with_seed(&k.to_le_bytes(), base);
+            points.push((point & !INDEX_MASK) | index as u64);
+        }
+    }
+    points.sort_unstable();
+    points.into_boxed_slice()
+}
+
+/// Index of the first point at or after `hash`, wrapping to 0.
+fn ring_start(points: &[u64], hash: u64) -> Option<usize> {
+    if points.is_empty() {
+        return None;
+    }
+    let i = points.partition_point(|p| p & !INDEX_MASK < hash & !INDEX_MASK);
+    Some(if i == points.len() { 0 } else { i })
+}
+
+// === maglev ===
+
+/// Table sizes: primes, the smallest with at least 100 slots per backend
+/// is used. The size depends only on the number of backends in coarse
+/// steps, so adding one backend rarely changes it.
+const MAGLEV_SIZES: [u64; 3] = [65_537, 131_071, 524_287];
+
+fn maglev_size(members: usize) -> u64 {
+    let want = members as u64 * 100;
+    MAGLEV_SIZES.iter().copied().find(|&m| m >= want).unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1])
+}
+
+fn build_maglev(backends: &[(&str, u32)]) -> Box<[u32]> {
+    // Fill in name order so the table does not depend on config order.
+    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].1 > 0).collect();
+    if order.is_empty() {
+        return Box::new([]);
+    }
+    order.sort_by(|&a, &b| backends[a].0.cmp(backends[b].0));
+    let m = maglev_size(order.len());
+    let max_weight = order.iter().map(|&i| backends[i].1).max().unwrap_or(1);
+    let perms: Vec<(u64, u64)> = order
+        .iter()
+        .map(|&i| {
+            let name = backends[i].0.as_bytes();
+            let offset = xxh3_64_with_seed(name, SEED_OFFSET) % m;
+            let skip = xxh3_64_with_seed(name, SEED_SKIP) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; order.len()];
+    // Weighted Maglev: each round a backend earns weight / max_weight of a
+    // turn, so slots are filled in proportion to weight.
+    let mut credit = vec![0u64; order.len()];
+    let mut table = vec![u32::MAX; m as usize];
+    let mut filled = 0u64;
+    'fill: loop {
+        for (k, &index) in order.iter().enumerate() {
+            credit[k] += u64::from(backends[index].1);
+            if credit[k] < u64::from(max_weight) {
+                continue;
+            }
+            credit[k] -= u64::from(max_weight);
+            let (offset, skip) = perms[k];
+            loop {
+                let slot = ((offset + next[k] * skip) % m) as usize;
+                next[k] += 1;
+                if table[slot] == u32::MAX {
+                    table[slot] = index as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == m {
+                break 'fill;
+            }
+        }
+    }
+    table.into_boxed_slice()
+}
+
+// === candidates ===
+
+#[derive(Debug)]
+enum Entries<'a> {
+    Ring(&'a [u64]),
+    Maglev(&'a [u32]),
+}
+
+impl Entries<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Entries::Ring(p) => p.len(),
+            Entries::Maglev(t) => t.len(),
+        }
+    }
+
+    fn backend(&self, i: usize) -> usize {
+        match self {
+            Entries::Ring(p) => (p[i] & INDEX_MASK) as usize,
+            Entries::Maglev(t) => t[i] as usize,
+        }
+    }
+}
+
+/// Distinct backends along a key's probe sequence; see [`HashTable::candidates`].
+#[derive(Debug)]
+pub struct Candidates<'a> {
+    entries: Entries<'a>,
+    start: usize,
+    step: usize,
+    yielded: usize,
+    members: usize,
+    seen: Seen,
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let len = self.entries.len();
+        while self.yielded < self.members && self.step < len {
+            let b = self.entries.backend((self.start + self.step) % len);
+            self.step += 1;
+            if self.seen.insert(b) {
+                self.yielded += 1;
+                return Some(b);
+            }
+        }
+        None
+    }
+}
+
+/// A set of backend indices; inline (no allocation) for up to 256 backends.
+#[derive(Debug)]
+enum Seen {
+    Inline([u64; 4]),
+    Heap(Vec<u64>),
+}
+
+impl Seen {
+    fn new(n: usize) -> Seen {
+        if n <= 256 { Seen::Inline([0; 4]) } else { Seen::Heap(vec![0; n.div_ceil(64)]) }
+    }
+
+    /// Adds `i`; false if it was there already.
+    fn insert(&mut self, i: usize) -> bool {
+        let words: &mut [u64] = match self {
+            Seen::Inline(w) => w,
+            Seen::Heap(w) => w,
+        };
+        let Some(word) = words.get_mut(i / 64) else { return false };
+        let bit = 1u64 << (i % 64);
+        let fresh = *word & bit == 0;
+        *word |= bit;
+        fresh
+    }
+}
+
+#[cfg(test)]
+#[path = "hash_tests.rs"]
+mod tests;
