@@ -15,10 +15,10 @@ use crate::{Runtime, demo};
 /// The example configuration, shipped in the binary so `tether demo` runs anywhere.
 pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_tracing() {
+/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -121,6 +121,21 @@ pub async fn demo(path: Option<&Path>) -> ExitCode {
         println!("Ctrl-C stops.");
     })
     .await
+}
+
+/// `tether demo --scenario failover`: runs the scenario and prints its report.
+pub async fn failover_scenario(clients: usize) -> ExitCode {
+    let opts = crate::scenario::Options { clients, ..Default::default() };
+    match crate::scenario::run(opts).await {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("failover scenario failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Starts the balancer for `cfg`, calls `ready`, and runs until a signal.

@@ -72,10 +72,8 @@ impl DemoApp {
         if let Ok(v) = HeaderValue::from_str(&visits.to_string()) {
             resp.headers_mut().insert("x-visits", v);
         }
-        if fresh {
-            if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sid}; Path=/; HttpOnly")) {
-                resp.headers_mut().insert(http::header::SET_COOKIE, v);
-            }
+        if fresh && let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sid}; Path=/; HttpOnly")) {
+            resp.headers_mut().insert(http::header::SET_COOKIE, v);
         }
         resp
     }
@@ -89,10 +87,17 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Serves the demo app on `listener` until the task is dropped or aborted.
+/// Connections are owned by this task, so aborting it kills them too, as a
+/// crashed process would.
 pub async fn serve(app: Arc<DemoApp>, listener: TcpListener) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (tcp, _) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "demo backend accept failed");
@@ -102,7 +107,7 @@ pub async fn serve(app: Arc<DemoApp>, listener: TcpListener) {
         };
         let app = app.clone();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let svc = service_fn(move |req| {
                 let resp = app.respond(&req);
                 async move { Ok::<_, Infallible>(resp) }

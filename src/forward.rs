@@ -71,10 +71,10 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
         .map(str::to_string)
         .collect();
     headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -96,10 +96,10 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         remove_cookie(headers, name);
     }
     // HTTP/2 requests carry the host in the URI, not in a Host header.
-    if !headers.contains_key(header::HOST) {
-        if let Some(h) = host_from_uri.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-            headers.insert(header::HOST, h);
-        }
+    if !headers.contains_key(header::HOST)
+        && let Some(h) = host_from_uri.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert(header::HOST, h);
     }
     let host = headers.get(header::HOST).cloned();
     headers.insert(X_FORWARDED_FOR, ip_header(up.client_ip));

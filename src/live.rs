@@ -7,9 +7,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::config::BackendState;
+use crate::health::Health;
+use crate::sketch::Distinct;
 use crate::upstream::Upstream;
 
 /// Who a backend is, for the purpose of keeping its state across reloads.
@@ -28,9 +31,24 @@ pub struct BackendLive {
     /// Requests sent and not yet finished (response body done or dropped).
     pub in_flight: AtomicU64,
     pub requests: AtomicU64,
+    /// Requests that failed at this backend (connect, reset, timeout, 5xx gateway).
     pub errors: AtomicU64,
-    /// Health as seen by active checks and passive failure counting.
-    pub up: AtomicBool,
+    /// Active checks and passive ejection.
+    pub health: Health,
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Clients whose affinity pointed here while it was unavailable and who
+    /// were moved elsewhere: sessions lost with this backend.
+    pub sessions_lost: AtomicU64,
+    /// Distinct affinity holders seen recently.
+    pub holders: Distinct,
+    /// Hash keys already counted as lost in the current outage
+    /// (direct-mapped, so approximate beyond a few thousand keys).
+    lost_keys: Box<[AtomicU64]>,
+    /// Runtime override of the configured state (admin API), with the
+    /// configured state it overrode: a config change to the state wins.
+    state_override: AtomicU8,
+    overridden_config_state: AtomicU8,
     pub upstream: Upstream,
 }
 
@@ -42,13 +60,59 @@ impl BackendLive {
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            up: AtomicBool::new(true),
+            health: Health::default(),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            sessions_lost: AtomicU64::new(0),
+            holders: Distinct::default(),
+            lost_keys: (0..LOST_KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            state_override: AtomicU8::new(NO_OVERRIDE),
+            overridden_config_state: AtomicU8::new(NO_OVERRIDE),
             upstream,
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health.is_up()
+    }
+
+    /// Whether a hash key's loss is new in this outage (then it counts).
+    pub fn first_loss(&self, key: u64) -> bool {
+        // Mixing in the up-epoch makes a later outage count the key again.
+        let tagged = key ^ self.health.up_epoch().wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let slot = &self.lost_keys[(key % LOST_KEY_SLOTS as u64) as usize];
+        slot.swap(tagged, Ordering::Relaxed) != tagged
+    }
+
+    pub fn record_check(&self, ok: bool) {
+        let counter = if ok { &self.checks_ok } else { &self.checks_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The state in force: a runtime override, unless the configuration
+    /// changed this backend's state since the override was set.
+    pub fn state(&self, configured: BackendState) -> BackendState {
+        let o = self.state_override.load(Ordering::Relaxed);
+        if o == NO_OVERRIDE {
+            return configured;
+        }
+        if self.overridden_config_state.load(Ordering::Relaxed) != encode_state(configured) {
+            return configured;
+        }
+        decode_state(o).unwrap_or(configured)
+    }
+
+    /// Overrides the configured state at runtime (kept across reloads until
+    /// the config changes this backend's state).
+    pub fn set_state_override(&self, state: BackendState, configured: BackendState) {
+        self.overridden_config_state.store(encode_state(configured), Ordering::Relaxed);
+        self.state_override.store(encode_state(state), Ordering::Relaxed);
+    }
+
+    /// Whether a runtime override is in force against `configured`.
+    pub fn has_override(&self, configured: BackendState) -> bool {
+        self.state_override.load(Ordering::Relaxed) != NO_OVERRIDE
+            && self.overridden_config_state.load(Ordering::Relaxed) == encode_state(configured)
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -60,6 +124,26 @@ impl BackendLive {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
+    }
+}
+
+const NO_OVERRIDE: u8 = u8::MAX;
+const LOST_KEY_SLOTS: usize = 1024;
+
+fn encode_state(s: BackendState) -> u8 {
+    match s {
+        BackendState::Active => 0,
+        BackendState::Draining => 1,
+        BackendState::Disabled => 2,
+    }
+}
+
+fn decode_state(v: u8) -> Option<BackendState> {
+    match v {
+        0 => Some(BackendState::Active),
+        1 => Some(BackendState::Draining),
+        2 => Some(BackendState::Disabled),
+        _ => None,
     }
 }
 
@@ -79,15 +163,41 @@ impl Drop for InFlight {
     }
 }
 
+/// Counters of one pool, kept across reloads by pool name.
+#[derive(Debug, Default)]
+pub struct PoolLive {
+    /// By [`crate::select::Outcome`] index.
+    pub outcomes: [AtomicU64; crate::select::Outcome::COUNT],
+    pub invalid_cookies: AtomicU64,
+    pub retries_connect: AtomicU64,
+    pub retries_failed: AtomicU64,
+    /// Pinned clients refused with 503 (`on_unavailable = "fail"`).
+    pub refused_pinned: AtomicU64,
+    /// Sessions lost with backends no longer in the configuration.
+    pub sessions_lost_gone: AtomicU64,
+}
+
 /// Finds the live state of a backend identity, creating it on first sight.
 /// Holds only weak references: state is freed with the last snapshot that
 /// uses it.
 #[derive(Debug, Default)]
 pub struct Registry {
     map: Mutex<HashMap<BackendKey, Weak<BackendLive>>>,
+    pools: Mutex<HashMap<String, Weak<PoolLive>>>,
 }
 
 impl Registry {
+    pub fn pool(&self, name: &str) -> Arc<PoolLive> {
+        let mut map = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = map.get(name).and_then(Weak::upgrade) {
+            return live;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let live = Arc::new(PoolLive::default());
+        map.insert(name.to_string(), Arc::downgrade(&live));
+        live
+    }
+
     pub fn get_or_create(&self, key: BackendKey) -> Arc<BackendLive> {
         let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(live) = map.get(&key).and_then(Weak::upgrade) {
@@ -112,7 +222,7 @@ mod tests {
     async fn same_identity_shares_state_and_new_address_starts_fresh() {
         let reg = Registry::default();
         let a = reg.get_or_create(key("a", 1));
-        a.up.store(false, Ordering::Relaxed);
+        a.health.set_active(false, "test");
         let again = reg.get_or_create(key("a", 1));
         assert!(Arc::ptr_eq(&a, &again));
         let moved = reg.get_or_create(key("a", 2));

@@ -37,12 +37,26 @@ enum Command {
         /// Use this config instead of the built-in config.example.toml.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run a scripted scenario and print its report instead: `failover`.
+        #[arg(long)]
+        scenario: Option<Scenario>,
+        /// Simulated clients in the scenario.
+        #[arg(long, default_value_t = 300)]
+        clients: usize,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scenario {
+    /// Kill a backend under cookie-pinned traffic, bring it back, then drain another.
+    Failover,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tether::cli::init_tracing();
+    // A scenario prints a report; per-request logs would bury it.
+    let quiet = matches!(cli.command, Command::Demo { scenario: Some(_), .. });
+    tether::cli::init_tracing(if quiet { "error" } else { "info" });
     if let Command::Check { config } = &cli.command {
         return tether::cli::check(config);
     }
@@ -58,7 +72,10 @@ fn main() -> ExitCode {
             Command::Serve { config } => tether::cli::serve(&config).await,
             Command::Check { config } => tether::cli::check(&config),
             Command::Backend { listen, name } => tether::cli::backend(listen, name).await,
-            Command::Demo { config } => tether::cli::demo(config.as_deref()).await,
+            Command::Demo { scenario: Some(Scenario::Failover), clients, .. } => {
+                tether::cli::failover_scenario(clients).await
+            }
+            Command::Demo { config, scenario: None, .. } => tether::cli::demo(config.as_deref()).await,
         }
     })
 }

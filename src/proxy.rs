@@ -7,21 +7,24 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::Runtime;
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
-use crate::select::{self, Outcome, RequestKey, Selection};
-use crate::snapshot::{AffinityRule, Pool};
+use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
+use crate::snapshot::{AffinityRule, Backend, Pool};
 use crate::upstream::{Body, ConnectError, SendError};
 
-/// Attempts on other backends after a connect failure (nothing was sent).
-const CONNECT_RETRIES: usize = 2;
+/// `Retry-After` on 503s: about how long a check cycle takes to notice a
+/// backend is back.
+const RETRY_AFTER_SECS: &str = "5";
 
 /// What a connection's requests share.
 #[derive(Debug)]
@@ -36,6 +39,8 @@ pub struct ConnInfo {
 pub enum ProxyError {
     NoRoute,
     NoBackend,
+    /// The client's pinned backend is out and the pool must not move it.
+    PinnedUnavailable,
     Connect(ConnectError),
     Upstream(hyper::Error),
     Timeout,
@@ -45,7 +50,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::PinnedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -56,6 +61,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no route for this host and path\n",
             ProxyError::NoBackend => "no backend available\n",
+            ProxyError::PinnedUnavailable => "your session's backend is unavailable; retry later\n",
             ProxyError::Connect(_) => "bad gateway: backend unreachable\n",
             ProxyError::Upstream(_) => "bad gateway: backend failed\n",
             ProxyError::Timeout => "gateway timeout: backend did not answer in time\n",
@@ -63,7 +69,11 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        plain_response(self.status(), self.message())
+        let mut resp = plain_response(self.status(), self.message());
+        if matches!(self, ProxyError::PinnedUnavailable | ProxyError::NoBackend) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        resp
     }
 }
 
@@ -90,6 +100,7 @@ struct Placement {
     pool: Option<Arc<str>>,
     backend: Option<Arc<str>>,
     outcome: Option<Outcome>,
+    attempts: usize,
 }
 
 /// The hyper service function for one client request.
@@ -118,6 +129,7 @@ pub async fn handle(
         pool = placed.pool.as_deref().unwrap_or("-"),
         backend = placed.backend.as_deref().unwrap_or("-"),
         affinity = placed.outcome.map_or("-", Outcome::as_str),
+        attempts = placed.attempts,
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
     );
     Ok(resp)
@@ -139,7 +151,17 @@ async fn proxy(
     placed.pool = Some(pool.name.clone());
 
     let key = RequestKey { headers: req.headers(), uri: req.uri(), client_ip: conn.peer.ip() };
-    let mut sel = select::select(pool, &key).ok_or(ProxyError::NoBackend)?;
+    let selected = select::select(pool, &key);
+    if selected.as_ref().is_ok_and(|s| s.invalid_cookie) {
+        pool.live.invalid_cookies.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut sel = selected.map_err(|e| match e {
+        SelectError::NoBackend => ProxyError::NoBackend,
+        SelectError::PinnedUnavailable => {
+            pool.live.refused_pinned.fetch_add(1, Ordering::Relaxed);
+            ProxyError::PinnedUnavailable
+        }
+    })?;
     let affinity_cookie = match &pool.affinity {
         AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
         _ => None,
@@ -154,48 +176,184 @@ async fn proxy(
             affinity: sel.outcome.as_str(),
         },
     );
+    let mut replay = Replay::prepare(&mut req, pool.retries).await;
 
     let mut tried: Vec<usize> = Vec::new();
-    loop {
+    let result = loop {
         let backend = &pool.backends[sel.backend];
         placed.backend = Some(backend.name.clone());
         placed.outcome = Some(sel.outcome);
+        placed.attempts += 1;
         let in_flight = backend.live.start_request();
         let sent =
             tokio::time::timeout(pool.response_timeout, backend.live.upstream.send(req, pool.connect_timeout)).await;
-        match sent {
+        let failure = match sent {
             Ok(Ok((resp, connection))) => {
+                let status = resp.status();
+                if is_gateway_failure(status) {
+                    passive_failure(pool, backend, &format!("status {}", status.as_u16()));
+                } else {
+                    backend.live.health.record_success();
+                }
                 let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());
                 let cookie = if sel.set_cookie { backend.set_cookie.as_ref() } else { None };
                 forward::downstream_response(&mut resp, cookie);
-                return Ok(resp);
+                break Ok(resp);
             }
-            Ok(Err(SendError::Failed(e))) => return Err(ProxyError::Upstream(e)),
-            Err(_elapsed) => return Err(ProxyError::Timeout),
             Ok(Err(SendError::NotSent { request, cause })) => {
+                passive_failure(pool, backend, &cause.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.name, %cause, "backend unreachable, nothing sent");
-                tried.push(sel.backend);
-                match failover(pool, &sel, &tried) {
-                    Some(next) if tried.len() <= CONNECT_RETRIES => {
-                        sel = next;
-                        req = request;
-                        req.headers_mut().insert(TETHER_AFFINITY, HeaderValue::from_static(sel.outcome.as_str()));
-                    }
-                    _ => return Err(ProxyError::Connect(cause)),
-                }
+                req = *request;
+                pool.live.retries_connect.fetch_add(1, Ordering::Relaxed);
+                ProxyError::Connect(cause)
             }
+            Ok(Err(SendError::Failed(e))) => {
+                passive_failure(pool, backend, "connection failed");
+                let Some(again) = replay.as_mut().and_then(Replay::request) else { break Err(ProxyError::Upstream(e)) };
+                tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
+                req = again;
+                pool.live.retries_failed.fetch_add(1, Ordering::Relaxed);
+                ProxyError::Upstream(e)
+            }
+            Err(_elapsed) => {
+                passive_failure(pool, backend, "timeout");
+                break Err(ProxyError::Timeout);
+            }
+        };
+        tried.push(sel.backend);
+        match failover(pool, &sel, &tried) {
+            Some(next) if tried.len() <= pool.retries => {
+                sel = next;
+                req.headers_mut().insert(TETHER_AFFINITY, HeaderValue::from_static(sel.outcome.as_str()));
+            }
+            _ => break Err(failure),
         }
+    };
+    account(pool, &sel);
+    result
+}
+
+/// 502, 503 and 504 from a backend count as its failures (passive health).
+fn is_gateway_failure(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+fn passive_failure(pool: &Pool, backend: &Backend, reason: &str) {
+    backend.live.errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(time) = backend.live.health.record_failure(&pool.passive, reason) {
+        tracing::warn!(
+            target: "tether::health",
+            pool = %pool.name, backend = %backend.name, ejected_for = ?time, reason,
+            "backend ejected after consecutive failures"
+        );
     }
 }
 
-/// The next backend after `tried` failed to connect. A client that had
-/// affinity to a failed backend is reassigned (and re-pinned by cookie).
+/// Records where the request finally went: outcome counters, holders seen,
+/// and a lost session when a pinned client was moved.
+fn account(pool: &Pool, sel: &Selection) {
+    pool.live.outcomes[sel.outcome.index()].fetch_add(1, Ordering::Relaxed);
+    let backend = &pool.backends[sel.backend];
+    if !matches!(pool.affinity, AffinityRule::None) {
+        backend.live.holders.insert(sel.holder);
+    }
+    if sel.outcome != Outcome::Reassigned {
+        return;
+    }
+    let lost = sel.lost.and_then(|i| pool.backends.get(i));
+    // A cookie client is re-pinned, so each loss happens once; a hash key
+    // keeps landing here while its owner is out, so it is counted once.
+    let first = match (&pool.affinity, lost) {
+        (AffinityRule::Hash(_), Some(b)) => b.live.first_loss(sel.holder),
+        _ => true,
+    };
+    if !first {
+        return;
+    }
+    match lost {
+        Some(b) => {
+            b.live.sessions_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        None => {
+            pool.live.sessions_lost_gone.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tracing::info!(
+        target: "tether::sessions",
+        pool = %pool.name,
+        lost_backend = lost.map_or("(removed)", |b| &*b.name),
+        new_backend = %backend.name,
+        "session lost: pinned backend unavailable, client reassigned"
+    );
+}
+
+/// The next backend after `tried` failed. A client that had affinity to a
+/// failed backend is reassigned (and re-pinned by cookie); a hash key
+/// follows its own probe sequence so every instance agrees.
 fn failover(pool: &Pool, sel: &Selection, tried: &[usize]) -> Option<Selection> {
-    let backend = select::pick_new(pool, |i| !tried.contains(&i))?;
-    let outcome = match sel.outcome {
-        Outcome::Kept | Outcome::Hashed | Outcome::Reassigned => Outcome::Reassigned,
-        other => other,
+    let next_hashed = match (&pool.affinity, sel.outcome) {
+        (AffinityRule::Hash(rule), Outcome::Hashed | Outcome::Reassigned) => {
+            rule.table.candidates(sel.holder).find(|&i| !tried.contains(&i) && select::pinned_usable(pool, i))
+        }
+        _ => None,
+    };
+    let backend = next_hashed.or_else(|| select::pick_new(pool, |i| !tried.contains(&i)))?;
+    let (outcome, lost) = match sel.outcome {
+        Outcome::Kept | Outcome::Hashed => (Outcome::Reassigned, Some(sel.backend)),
+        other => (other, sel.lost),
     };
     let set_cookie = matches!(pool.affinity, AffinityRule::Cookie(_));
-    Some(Selection { backend, outcome, set_cookie, invalid_cookie: sel.invalid_cookie })
+    Some(Selection { backend, outcome, set_cookie, lost, ..*sel })
+}
+
+/// Requests up to this size are buffered so an idempotent one can be sent
+/// again after a backend fails mid-request.
+const REPLAY_MAX_BODY: u64 = 64 * 1024;
+
+/// A copy of an idempotent request with an empty or buffered body, to send
+/// again on another backend once bytes may have reached the first.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    /// Keeps a copy when the request may be retried (RFC 9110 idempotent
+    /// method, small or empty body, retries allowed). A POST never is.
+    async fn prepare(req: &mut Request<Body>, retries: usize) -> Option<Replay> {
+        if retries == 0 || !req.method().is_idempotent() {
+            return None;
+        }
+        let body = if req.body().is_end_stream() {
+            Bytes::new()
+        } else {
+            let declared = req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse::<u64>().ok()?;
+            if declared > REPLAY_MAX_BODY {
+                return None;
+            }
+            let taken = std::mem::replace(req.body_mut(), empty_body());
+            let bytes = taken.collect().await.ok()?.to_bytes();
+            *req.body_mut() = full_body(bytes.clone());
+            bytes
+        };
+        Some(Replay { method: req.method().clone(), uri: req.uri().clone(), headers: req.headers().clone(), body })
+    }
+
+    fn request(&mut self) -> Option<Request<Body>> {
+        let mut req = Request::new(full_body(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        Some(req)
+    }
+}
+
+fn empty_body() -> Body {
+    full_body(Bytes::new())
+}
+
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }

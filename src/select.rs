@@ -9,8 +9,8 @@ use http::header::COOKIE;
 use http::{HeaderMap, Uri};
 
 use crate::balance::{self, hash::hash_key};
-use crate::config::{Balance, HashKey};
-use crate::snapshot::{AffinityRule, Pool};
+use crate::config::{BackendState, Balance, HashKey, OnUnavailable};
+use crate::snapshot::{AffinityRule, CookieTarget, Pool};
 
 /// How the backend was chosen; logged, counted and told to the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const COUNT: usize = 6;
+    pub const ALL: [Outcome; Outcome::COUNT] =
+        [Outcome::New, Outcome::Kept, Outcome::Hashed, Outcome::Fallback, Outcome::Reassigned, Outcome::Balanced];
+
+    /// Position in [`Outcome::ALL`], for counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::New => "new",
@@ -56,6 +65,21 @@ pub struct Selection {
     pub set_cookie: bool,
     /// The request carried an affinity cookie that did not verify.
     pub invalid_cookie: bool,
+    /// Whose session was lost, for a reassignment: the backend index, or
+    /// `None` when the pinned backend is no longer configured.
+    pub lost: Option<usize>,
+    /// Who holds the affinity (key hash or client identity), for the
+    /// distinct-holders sketch and loss de-duplication.
+    pub holder: u64,
+}
+
+/// Why no backend was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectError {
+    /// No backend can take a new client.
+    NoBackend,
+    /// The client's pinned backend is unavailable and the pool says `fail`.
+    PinnedUnavailable,
 }
 
 /// The parts of a request that selection reads.
@@ -65,100 +89,144 @@ pub struct RequestKey<'a> {
     pub client_ip: IpAddr,
 }
 
-/// Chooses a backend; `None` when no backend can take the request.
-pub fn select(pool: &Pool, req: &RequestKey<'_>) -> Option<Selection> {
+/// Chooses a backend for a request.
+pub fn select(pool: &Pool, req: &RequestKey<'_>) -> Result<Selection, SelectError> {
+    let new = |outcome: Outcome, set_cookie: bool, invalid_cookie: bool, holder: u64| {
+        let backend = pick_new(pool, |_| true).ok_or(SelectError::NoBackend)?;
+        Ok(Selection { backend, outcome, set_cookie, invalid_cookie, lost: None, holder })
+    };
     match &pool.affinity {
-        AffinityRule::None => {
-            let backend = pick_new(pool, |_| true)?;
-            Some(Selection { backend, outcome: Outcome::Balanced, set_cookie: false, invalid_cookie: false })
-        }
+        AffinityRule::None => new(Outcome::Balanced, false, false, 0),
         AffinityRule::Cookie(rule) => {
+            let holder = client_identity(req);
             let mut invalid_cookie = false;
             for value in cookie_values(req.headers, &rule.name) {
-                match pool.backend_for_cookie(value) {
-                    Some(i) if usable(pool, i) => {
-                        return Some(Selection {
+                let lost = match pool.cookie_target(value) {
+                    CookieTarget::Backend(i) if pinned_usable(pool, i) => {
+                        return Ok(Selection {
                             backend: i,
                             outcome: Outcome::Kept,
                             set_cookie: false,
                             invalid_cookie,
+                            lost: None,
+                            holder,
                         });
                     }
-                    Some(_) => {
-                        let backend = pick_new(pool, |_| true)?;
-                        return Some(Selection {
-                            backend,
-                            outcome: Outcome::Reassigned,
-                            set_cookie: true,
-                            invalid_cookie,
-                        });
+                    CookieTarget::Backend(i) => Some(i),
+                    CookieTarget::Gone => None,
+                    CookieTarget::Invalid => {
+                        invalid_cookie = true;
+                        continue;
                     }
-                    None => invalid_cookie = true,
+                };
+                if pool.on_unavailable == OnUnavailable::Fail {
+                    return Err(SelectError::PinnedUnavailable);
                 }
+                let mut sel = new(Outcome::Reassigned, true, invalid_cookie, holder)?;
+                sel.lost = lost;
+                return Ok(sel);
             }
-            let backend = pick_new(pool, |_| true)?;
-            Some(Selection { backend, outcome: Outcome::New, set_cookie: true, invalid_cookie })
+            new(Outcome::New, true, invalid_cookie, holder)
         }
         AffinityRule::Hash(rule) => {
             let Some(h) = key_hash(&rule.key, req) else {
-                let backend = pick_new(pool, |_| true)?;
-                return Some(Selection {
-                    backend,
-                    outcome: Outcome::Fallback,
+                return new(Outcome::Fallback, false, false, client_identity(req));
+            };
+            let owner = rule.table.owner(h).ok_or(SelectError::NoBackend)?;
+            if pinned_usable(pool, owner) && rule.bounded_load.is_none() {
+                return Ok(Selection {
+                    backend: owner,
+                    outcome: Outcome::Hashed,
                     set_cookie: false,
                     invalid_cookie: false,
+                    lost: None,
+                    holder: h,
                 });
-            };
-            let owner = rule.table.owner(h)?;
-            let live = |i: usize| pool.backends[i].live.in_flight();
+            }
+            let owner_usable = pinned_usable(pool, owner);
+            if !owner_usable && pool.on_unavailable == OnUnavailable::Fail {
+                return Err(SelectError::PinnedUnavailable);
+            }
+            let usable = |i: usize| pinned_usable(pool, i);
             let chosen = match rule.bounded_load {
                 Some(c) => {
                     let (total, total_weight) = pool_load(pool);
                     let weight = |i: usize| pool.weights[i];
-                    rule.table.pick_bounded(h, c, total, total_weight, weight, live, |i| usable(pool, i))
+                    let load = |i: usize| pool.backends[i].live.in_flight();
+                    rule.table.pick_bounded(h, c, total, total_weight, weight, load, usable)
                 }
-                None => rule.table.candidates(h).find(|&i| usable(pool, i)),
+                None => rule.table.candidates(h).find(|&i| usable(i)),
             };
             // Every backend on the key's probe sequence is out: balance.
             let backend = match chosen {
                 Some(b) => b,
-                None => pick_new(pool, |_| true)?,
+                None => pick_new(pool, |_| true).ok_or(SelectError::NoBackend)?,
             };
             // Moved off a down owner: the session that lived there is lost.
             // Moved by bounded load: the owner is fine, just busy.
-            let outcome = if usable(pool, owner) { Outcome::Hashed } else { Outcome::Reassigned };
-            Some(Selection { backend, outcome, set_cookie: false, invalid_cookie: false })
+            let (outcome, lost) =
+                if owner_usable { (Outcome::Hashed, None) } else { (Outcome::Reassigned, Some(owner)) };
+            Ok(Selection { backend, outcome, set_cookie: false, invalid_cookie: false, lost, holder: h })
         }
     }
 }
 
 /// A backend for a client without (usable) affinity, by the pool's policy,
-/// among usable backends with weight > 0 that `also` accepts.
+/// among backends that take new clients and that `also` accepts.
 pub fn pick_new(pool: &Pool, also: impl Fn(usize) -> bool) -> Option<usize> {
-    let eligible = |i: usize| usable(pool, i) && also(i);
+    let eligible = |i: usize| takes_new(pool, i) && also(i);
     let load = |i: usize| pool.backends[i].live.in_flight();
-    match pool.balance {
+    let pick = |eligible: &dyn Fn(usize) -> bool| match pool.balance {
         Balance::RoundRobin => pool.round_robin.pick(eligible),
         Balance::LeastConn => {
             let start = pool.tie_breaker.fetch_add(1, Ordering::Relaxed);
             balance::least_conn(&pool.weights, start, load, eligible)
         }
         Balance::Random => balance::power_of_two(&pool.weights, load, eligible),
+    };
+    match pool.slow_start {
+        None => pick(&eligible),
+        // A ramping backend is admitted with its ramp probability; if that
+        // leaves nobody, ramping backends are still better than none.
+        Some(window) => {
+            pick(&|i| eligible(i) && admit(pool.backends[i].live.health.ramp(Some(window)))).or_else(|| pick(&eligible))
+        }
     }
 }
 
-/// Can this backend take requests now?
-pub fn usable(pool: &Pool, i: usize) -> bool {
-    pool.backends.get(i).is_some_and(|b| b.live.is_up())
+fn admit(share: f64) -> bool {
+    share >= 1.0 || (balance::random_below(1 << 16) as f64) < share * f64::from(1u32 << 16)
 }
 
-/// Total in-flight requests and total weight of usable backends.
+/// Can a client already pinned to this backend keep using it? Up, and not
+/// disabled (draining keeps its pinned clients).
+pub fn pinned_usable(pool: &Pool, i: usize) -> bool {
+    pool.backends.get(i).is_some_and(|b| b.state() != BackendState::Disabled && b.live.is_up())
+}
+
+/// Can this backend take a new client? Up, active and with weight.
+pub fn takes_new(pool: &Pool, i: usize) -> bool {
+    pool.backends.get(i).is_some_and(|b| b.weight > 0 && b.state() == BackendState::Active && b.live.is_up())
+}
+
+/// Total in-flight requests and total weight of backends that take new clients.
 fn pool_load(pool: &Pool) -> (u64, u64) {
     pool.backends
         .iter()
         .enumerate()
-        .filter(|(i, b)| b.weight > 0 && usable(pool, *i))
+        .filter(|(i, _)| takes_new(pool, *i))
         .fold((0, 0), |(t, w), (_, b)| (t + b.live.in_flight(), w + u64::from(b.weight)))
+}
+
+/// Who a client is, as far as tether can tell without a per-client cookie:
+/// its address and user agent. Used only for approximate counts.
+fn client_identity(req: &RequestKey<'_>) -> u64 {
+    let ip = match req.client_ip.to_canonical() {
+        IpAddr::V4(ip) => u64::from(ip.to_bits()),
+        IpAddr::V6(ip) => (ip.to_bits() as u64) ^ ((ip.to_bits() >> 64) as u64),
+    };
+    let ua = req.headers.get(http::header::USER_AGENT).map_or(&[][..], |v| v.as_bytes());
+    xxhash_rust::xxh3::xxh3_64_with_seed(ua, ip)
 }
 
 /// Values of every cookie called `name` in the request's Cookie headers.

@@ -40,6 +40,7 @@ impl Server {
                 .map_err(|e| io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.addr)))?;
             bound.push((l.name.clone(), listener));
         }
+        runtime.start_tasks();
         let (stop, stop_rx) = watch::channel(None);
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();

@@ -17,8 +17,11 @@ use http::HeaderValue;
 use crate::balance::RoundRobin;
 use crate::balance::cookie::CookieCodec;
 use crate::balance::hash::{Algorithm, HashTable};
-use crate::config::{self, Affinity, Balance, Config, HashAlgorithm, HashKey, SameSite};
-use crate::live::{BackendKey, BackendLive, Registry};
+use crate::config::{
+    self, Affinity, BackendState, Balance, CheckKind, Config, HashAlgorithm, HashKey, OnUnavailable, SameSite,
+    StatusRange,
+};
+use crate::live::{BackendKey, BackendLive, PoolLive, Registry};
 use crate::routing::Router;
 
 #[derive(Debug)]
@@ -51,6 +54,35 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    pub health: Option<HealthCheck>,
+    pub passive: Passive,
+    /// Other backends tried after a failure that allows a retry.
+    pub retries: usize,
+    pub on_unavailable: OnUnavailable,
+    pub slow_start: Option<Duration>,
+    /// Counters kept across reloads.
+    pub live: Arc<PoolLive>,
+}
+
+/// Active check settings of a pool.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub expect: StatusRange,
+}
+
+/// Passive outlier detection settings of a pool.
+#[derive(Debug, Clone)]
+pub struct Passive {
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+    pub max_ejection_time: Duration,
 }
 
 #[derive(Debug)]
@@ -81,6 +113,8 @@ pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The configured state; [`Backend::state`] applies runtime overrides.
+    pub configured_state: BackendState,
     /// The affinity cookie value naming this backend (cookie pools).
     pub cookie_value: Box<str>,
     /// The complete `Set-Cookie` header that pins a client here.
@@ -98,14 +132,54 @@ impl Snapshot {
     }
 }
 
+impl Backend {
+    /// The state in force (configured, or overridden at runtime).
+    pub fn state(&self) -> BackendState {
+        self.live.state(self.configured_state)
+    }
+}
+
+/// What an affinity cookie value says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieTarget {
+    /// A backend of this pool.
+    Backend(usize),
+    /// A value this pool minted (signature verified) for a backend that is
+    /// no longer configured: its session is lost.
+    Gone,
+    /// Forged, tampered, truncated or foreign: treated as no cookie.
+    Invalid,
+}
+
 impl Pool {
+    /// Resolves an affinity cookie value. The common case (a valid value for
+    /// a configured backend) is one scan and one constant-time comparison.
+    pub fn cookie_target(&self, value: &str) -> CookieTarget {
+        let AffinityRule::Cookie(rule) = &self.affinity else { return CookieTarget::Invalid };
+        let Some(id) = crate::balance::cookie::parse_id(value) else { return CookieTarget::Invalid };
+        if let Some(&(_, idx)) = rule.ids.iter().find(|(i, _)| *i == id) {
+            let expected = self.backends[idx].cookie_value.as_bytes();
+            return if crate::balance::cookie::constant_time_eq(expected, value.as_bytes()) {
+                CookieTarget::Backend(idx)
+            } else {
+                CookieTarget::Invalid
+            };
+        }
+        // Only a signature proves tether minted the value; unsigned unknown
+        // ids cannot be told from forgeries.
+        if rule.codec.is_signed() && rule.codec.decode(value).is_some() {
+            CookieTarget::Gone
+        } else {
+            CookieTarget::Invalid
+        }
+    }
+
     /// The backend a verified affinity cookie value names.
     pub fn backend_for_cookie(&self, value: &str) -> Option<usize> {
-        let AffinityRule::Cookie(rule) = &self.affinity else { return None };
-        let id = crate::balance::cookie::parse_id(value)?;
-        let &(_, idx) = rule.ids.iter().find(|(i, _)| *i == id)?;
-        let expected = self.backends.get(idx)?.cookie_value.as_bytes();
-        crate::balance::cookie::constant_time_eq(expected, value.as_bytes()).then_some(idx)
+        match self.cookie_target(value) {
+            CookieTarget::Backend(i) => Some(i),
+            _ => None,
+        }
     }
 }
 
@@ -164,6 +238,7 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
             name: Arc::from(bname),
             addr: b.addr.get_ref().0,
             weight: *b.weight.get_ref(),
+            configured_state: b.state,
             cookie_value: cookie_value.into_boxed_str(),
             set_cookie,
             live,
@@ -211,6 +286,25 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
         backends,
         connect_timeout: p.timeouts.connect.0,
         response_timeout: p.timeouts.response.0,
+        health: p.health.as_ref().map(|h| HealthCheck {
+            kind: h.kind,
+            path: h.path.get_ref().clone(),
+            interval: h.interval.0,
+            timeout: h.timeout.0,
+            rise: *h.rise.get_ref(),
+            fall: *h.fall.get_ref(),
+            expect: *h.expect_status.get_ref(),
+        }),
+        passive: Passive {
+            enabled: p.passive.enabled,
+            consecutive_failures: *p.passive.consecutive_failures.get_ref(),
+            ejection_time: p.passive.ejection_time.0,
+            max_ejection_time: p.passive.max_ejection_time.0,
+        },
+        retries: *p.retries.get_ref() as usize,
+        on_unavailable: p.on_unavailable,
+        slow_start: p.slow_start.map(|d| d.0),
+        live: registry.pool(name),
     })
 }
 

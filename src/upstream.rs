@@ -49,7 +49,7 @@ impl std::fmt::Display for ConnectError {
 #[derive(Debug)]
 pub enum SendError {
     /// Nothing reached the backend; the request is handed back.
-    NotSent { request: Request<Body>, cause: ConnectError },
+    NotSent { request: Box<Request<Body>>, cause: ConnectError },
     /// The request may have reached the backend.
     Failed(hyper::Error),
 }
@@ -89,12 +89,15 @@ impl Upstream {
         }
         let mut conn = match self.connect(connect_timeout).await {
             Ok(c) => c,
-            Err(cause) => return Err(SendError::NotSent { request, cause }),
+            Err(cause) => return Err(SendError::NotSent { request: Box::new(request), cause }),
         };
         match conn.try_send_request(request).await {
             Ok(resp) => Ok((resp, conn)),
             Err(mut e) => match e.take_message() {
-                Some(request) => Err(SendError::NotSent { request, cause: ConnectError::Handshake(e.into_error()) }),
+                Some(request) => Err(SendError::NotSent {
+                    request: Box::new(request),
+                    cause: ConnectError::Handshake(e.into_error()),
+                }),
                 None => Err(SendError::Failed(e.into_error())),
             },
         }

@@ -109,6 +109,7 @@ impl HashTable {
     /// `total_weight` are over usable backends. Falls back to the first
     /// usable candidate if every one is full (only possible while loads
     /// change under the walk).
+    #[allow(clippy::too_many_arguments)] // each input is a distinct, cheap view of pool state
     pub fn pick_bounded(
         &self,
         hash: u64,

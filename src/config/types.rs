@@ -81,8 +81,143 @@ pub struct PoolSection {
     pub hash: Option<Spanned<HashSection>>,
     #[serde(default)]
     pub timeouts: PoolTimeouts,
+    /// Active health checks; absent: backends are up unless traffic fails.
+    #[serde(default)]
+    pub health: Option<HealthSection>,
+    #[serde(default)]
+    pub passive: PassiveSection,
+    /// Other backends tried after a failure that allows a retry. Default 2.
+    #[serde(default = "default_retries")]
+    pub retries: Spanned<u32>,
+    /// What a client pinned to an unavailable backend gets.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// A backend that comes back up takes a linearly growing share of new
+    /// clients over this time. Absent: full share at once.
+    #[serde(default)]
+    pub slow_start: Option<Dur>,
     #[serde(default)]
     pub backends: Vec<BackendSection>,
+}
+
+fn default_retries() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+
+/// What happens to a client whose pinned backend is down, disabled or gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Serve it elsewhere and pin it there (its session is lost).
+    #[default]
+    Repin,
+    /// Answer 503 with `Retry-After`: the app must never silently lose a session.
+    Fail,
+}
+
+/// Active health checks, one checker per backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub kind: CheckKind,
+    /// Path of the HTTP GET. Default `/healthz`.
+    pub path: Spanned<String>,
+    /// Default 2 s.
+    pub interval: Dur,
+    /// Default 1 s.
+    pub timeout: Dur,
+    /// Consecutive successes that mark a down backend up. Default 2.
+    pub rise: Spanned<u32>,
+    /// Consecutive failures that mark an up backend down. Default 3.
+    pub fall: Spanned<u32>,
+    /// Statuses that count as healthy. Default `"200-399"`.
+    pub expect_status: Spanned<StatusRange>,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            kind: CheckKind::Http,
+            path: Spanned::new(0..0, "/healthz".to_string()),
+            interval: Dur(Duration::from_secs(2)),
+            timeout: Dur(Duration::from_secs(1)),
+            rise: Spanned::new(0..0, 2),
+            fall: Spanned::new(0..0, 3),
+            expect_status: Spanned::new(0..0, StatusRange { low: 200, high: 399 }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// `GET path`, healthy when the status is in `expect_status`.
+    #[default]
+    Http,
+    /// Healthy when a TCP connection opens.
+    Tcp,
+}
+
+/// `"200"` or `"200-399"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl StatusRange {
+    pub fn contains(&self, status: u16) -> bool {
+        (self.low..=self.high).contains(&status)
+    }
+}
+
+impl FromStr for StatusRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid status range `{s}`: expected e.g. \"200\" or \"200-399\"");
+        let status = |t: &str| t.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c)).ok_or_else(bad);
+        let (low, high) = match s.split_once('-') {
+            Some((a, b)) => (status(a)?, status(b)?),
+            None => (status(s)?, status(s)?),
+        };
+        if low > high {
+            return Err(bad());
+        }
+        Ok(StatusRange { low, high })
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Passive health: live traffic failures eject a backend for a while.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveSection {
+    /// Default true.
+    pub enabled: bool,
+    /// Failures in a row (connect errors, resets, timeouts, 502/503/504)
+    /// that eject a backend. Default 5.
+    pub consecutive_failures: Spanned<u32>,
+    /// First ejection; doubles on each repeat. Default 10 s.
+    pub ejection_time: Dur,
+    /// Cap of the doubling. Default 5 m.
+    pub max_ejection_time: Dur,
+}
+
+impl Default for PassiveSection {
+    fn default() -> Self {
+        PassiveSection {
+            enabled: true,
+            consecutive_failures: Spanned::new(0..0, 5),
+            ejection_time: Dur(Duration::from_secs(10)),
+            max_ejection_time: Dur(Duration::from_secs(300)),
+        }
+    }
 }
 
 /// How a client is pinned to a backend.
@@ -236,6 +371,31 @@ pub struct BackendSection {
     /// 0..=256; 0 means no new clients. Default 1.
     #[serde(default = "default_weight")]
     pub weight: Spanned<u32>,
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+/// An operator's intent for a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Takes new and pinned clients.
+    #[default]
+    Active,
+    /// Keeps its pinned clients, takes no new ones: retire it without losing sessions.
+    Draining,
+    /// Takes no traffic; its pinned clients are handled as unavailable.
+    Disabled,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Disabled => "disabled",
+        }
+    }
 }
 
 fn default_weight() -> Spanned<u32> {

@@ -8,6 +8,8 @@ use super::{Affinity, Config, Errors, SameSite};
 
 /// Largest backend weight, as in HAProxy.
 pub const MAX_WEIGHT: u32 = 256;
+/// Most retries on other backends for one request.
+pub const MAX_RETRIES: u32 = 10;
 /// Shortest accepted cookie signing secret.
 pub const MIN_SECRET_LEN: usize = 16;
 
@@ -32,10 +34,10 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         if addr.port() != 0 && !listen_addrs.insert(addr) {
             errs.at(l.value.listen.span(), format!("address {addr} is used by another listener"));
         }
-        if let Some(pool) = &l.value.default_pool {
-            if !pool_names.contains(pool.get_ref().as_str()) {
-                errs.at(pool.span(), unknown_pool(pool.get_ref()));
-            }
+        if let Some(pool) = &l.value.default_pool
+            && !pool_names.contains(pool.get_ref().as_str())
+        {
+            errs.at(pool.span(), unknown_pool(pool.get_ref()));
         }
     }
 
@@ -43,15 +45,15 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         if !pool_names.contains(r.pool.get_ref().as_str()) {
             errs.at(r.pool.span(), unknown_pool(r.pool.get_ref()));
         }
-        if let Some(host) = &r.host {
-            if let Err(msg) = check_host_pattern(host.get_ref()) {
-                errs.at(host.span(), msg);
-            }
+        if let Some(host) = &r.host
+            && let Err(msg) = check_host_pattern(host.get_ref())
+        {
+            errs.at(host.span(), msg);
         }
-        if let Some(prefix) = &r.path_prefix {
-            if !prefix.get_ref().starts_with('/') {
-                errs.at(prefix.span(), format!("path_prefix `{}` must start with `/`", prefix.get_ref()));
-            }
+        if let Some(prefix) = &r.path_prefix
+            && !prefix.get_ref().starts_with('/')
+        {
+            errs.at(prefix.span(), format!("path_prefix `{}` must start with `/`", prefix.get_ref()));
         }
     }
 
@@ -84,12 +86,36 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
                 ),
             );
         }
-        if let Some(hash) = &p.hash {
-            if let Some(c) = &hash.get_ref().bounded_load {
-                if !(*c.get_ref() > 1.0 && c.get_ref().is_finite()) {
-                    errs.at(c.span(), "bounded_load must be a number greater than 1.0, e.g. 1.25");
+        if let Some(hash) = &p.hash
+            && let Some(c) = &hash.get_ref().bounded_load
+            && !(*c.get_ref() > 1.0 && c.get_ref().is_finite())
+        {
+            errs.at(c.span(), "bounded_load must be a number greater than 1.0, e.g. 1.25");
+        }
+        if *p.retries.get_ref() > MAX_RETRIES {
+            errs.at(p.retries.span(), format!("retries must be between 0 and {MAX_RETRIES}"));
+        }
+        if let Some(h) = &p.health {
+            if !h.path.get_ref().starts_with('/') {
+                errs.at(h.path.span(), format!("health check path `{}` must start with `/`", h.path.get_ref()));
+            }
+            for n in [&h.rise, &h.fall] {
+                if !(1..=100).contains(n.get_ref()) {
+                    errs.at(n.span(), "rise and fall must be between 1 and 100");
                 }
             }
+            if h.interval.0 < std::time::Duration::from_millis(10) || h.timeout.0.is_zero() {
+                errs.at(
+                    pool.span.clone(),
+                    format!("pool `{}`: health interval must be at least 10ms and timeout above 0", pool.name),
+                );
+            }
+        }
+        if p.passive.enabled && *p.passive.consecutive_failures.get_ref() == 0 {
+            errs.at(
+                p.passive.consecutive_failures.span(),
+                "consecutive_failures must be at least 1 (or set enabled = false)",
+            );
         }
         let cookie = &mut p.cookie;
         if let Err(msg) = check_cookie_name(cookie.name.get_ref()) {
