@@ -27,27 +27,38 @@ pub fn init_tracing(default: &str) {
 }
 
 /// `tether check`: prints `ok`, or every error as `FILE:LINE:COL: message`.
-pub fn check(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(cfg) => match Runtime::new(&cfg) {
-            Ok(_) => {
-                println!("ok");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("{}: {e}", path.display());
-                ExitCode::FAILURE
-            }
-        },
+/// With `against`, also prints what moving from that config to this one
+/// would change and cost.
+pub fn check(path: &Path, against: Option<&Path>) -> ExitCode {
+    let new = match compile(path) {
+        Ok(snap) => snap,
         Err(errors) => {
             println!("{errors}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(old_path) = against {
+        match compile(old_path) {
+            Ok(old) => print!("{}", crate::impact::diff(&old, &new).report()),
+            Err(errors) => {
+                println!("{errors}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    println!("ok");
+    ExitCode::SUCCESS
 }
 
-/// `tether serve`: runs until SIGINT or SIGTERM, then drains.
-pub async fn serve(path: &Path) -> ExitCode {
+/// Loads and compiles a config file on its own (a fresh registry).
+fn compile(path: &Path) -> Result<crate::snapshot::Snapshot, String> {
+    let cfg = config::load(path).map_err(|e| e.to_string())?;
+    crate::snapshot::compile(&cfg, &crate::live::Registry::default(), 1).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `tether serve`: runs until SIGINT or SIGTERM, then drains. Reloads on
+/// file changes (unless `watch` is false), SIGHUP and `POST /reload`.
+pub async fn serve(path: &Path, watch: bool) -> ExitCode {
     let cfg = match config::load(path) {
         Ok(cfg) => cfg,
         Err(errors) => {
@@ -55,7 +66,8 @@ pub async fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    run(&cfg, || {}).await
+    let path = path.to_path_buf();
+    run(&cfg, Some((path, watch)), || {}).await
 }
 
 /// `tether backend`: one demo app server.
@@ -108,7 +120,7 @@ pub async fn demo(path: Option<&Path>) -> ExitCode {
         }
     }
     let listeners: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.value.listen.get_ref().0).collect();
-    run(&cfg, move || {
+    run(&cfg, None, move || {
         let backends: Vec<String> = started.iter().map(ToString::to_string).collect();
         println!("tether demo: backends on {} (sessions in their own memory)", backends.join(", "));
         for addr in &listeners {
@@ -138,8 +150,9 @@ pub async fn failover_scenario(clients: usize) -> ExitCode {
     }
 }
 
-/// Starts the balancer for `cfg`, calls `ready`, and runs until a signal.
-async fn run(cfg: &Config, ready: impl FnOnce()) -> ExitCode {
+/// Starts the balancer for `cfg` (with a reloader for `reload`'s file),
+/// calls `ready`, and runs until a signal.
+async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: impl FnOnce()) -> ExitCode {
     let runtime = match Runtime::new(cfg) {
         Ok(rt) => rt,
         Err(e) => {
@@ -154,6 +167,12 @@ async fn run(cfg: &Config, ready: impl FnOnce()) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some((path, watch)) = reload {
+        if let Err(e) = crate::reload::start(&runtime, path, watch) {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
     ready();
     shutdown_signal().await;
     let deadline = runtime.snapshot().shutdown_timeout;

@@ -19,14 +19,18 @@
 //! rewrites headers, sends through the backend's pool (failing over when a
 //! connection cannot be made), and adds the affinity cookie to the response.
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod health;
+pub mod impact;
 pub mod live;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod scenario;
 pub mod select;
@@ -51,7 +55,30 @@ pub struct Runtime {
     snapshot: ArcSwap<Snapshot>,
     registry: Registry,
     ticker: std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
+    /// The running listeners, once started.
+    server: std::sync::OnceLock<server::Server>,
+    /// Reload triggers go here once a reloader runs (see [`reload`]).
+    pub(crate) reloader: std::sync::OnceLock<reload::Handle>,
+    /// Outcome of reloads, for status and metrics.
+    pub(crate) reloads: std::sync::Mutex<reload::History>,
+    events: std::sync::Mutex<std::collections::VecDeque<Event>>,
+    config_path: std::sync::OnceLock<std::path::PathBuf>,
 }
+
+/// Something an operator wants marked on the dashboard's timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub at_unix_ms: u64,
+    /// `health`, `ejection`, `reload` or `state`.
+    pub kind: &'static str,
+    pub pool: Option<String>,
+    pub backend: Option<String>,
+    pub text: String,
+}
+
+/// Recent events kept for status.
+const MAX_EVENTS: usize = 200;
 
 /// Affinity holders are counted over the last one to two of these windows.
 pub const HOLDER_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -61,7 +88,17 @@ impl Runtime {
     pub fn new(cfg: &Config) -> Result<Arc<Runtime>, String> {
         let registry = Registry::default();
         let snap = snapshot::compile(cfg, &registry, 1)?;
-        Ok(Arc::new(Runtime { snapshot: ArcSwap::from_pointee(snap), registry, ticker: Default::default() }))
+        Ok(Arc::new(Runtime {
+            snapshot: ArcSwap::from_pointee(snap),
+            registry,
+            ticker: Default::default(),
+            started: std::time::Instant::now(),
+            server: Default::default(),
+            reloader: Default::default(),
+            reloads: Default::default(),
+            events: Default::default(),
+            config_path: Default::default(),
+        }))
     }
 
     /// The current snapshot; a request holds this one `Arc` to its end.
@@ -69,17 +106,72 @@ impl Runtime {
         self.snapshot.load_full()
     }
 
-    /// Compiles `cfg` and makes it current; returns the new version.
-    /// Starts health checkers for new backends when called inside a tokio
-    /// runtime.
-    pub fn apply(self: &Arc<Self>, cfg: &Config) -> Result<u64, String> {
-        let version = self.snapshot.load().version + 1;
-        let snap = snapshot::compile(cfg, &self.registry, version)?;
+    /// Compiles `cfg` into the snapshot that would follow the current one,
+    /// without making it current.
+    pub fn compile_next(&self, cfg: &Config) -> Result<Snapshot, String> {
+        snapshot::compile(cfg, &self.registry, self.snapshot.load().version + 1)
+    }
+
+    /// Makes `snap` current. Requests in flight keep the snapshot they
+    /// loaded; new requests use this one.
+    pub fn install(self: &Arc<Self>, snap: Snapshot) {
         self.snapshot.store(Arc::new(snap));
         if tokio::runtime::Handle::try_current().is_ok() {
             health::reconcile(self);
         }
+    }
+
+    /// Compiles `cfg` and makes it current; returns the new version. Does
+    /// not touch listeners: reloads go through [`reload`].
+    pub fn apply(self: &Arc<Self>, cfg: &Config) -> Result<u64, String> {
+        let snap = self.compile_next(cfg)?;
+        let version = snap.version;
+        self.install(snap);
         Ok(version)
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// The file reloads read, once a reloader runs.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.get().map(|p| p.as_path())
+    }
+
+    pub(crate) fn set_config_path(&self, path: std::path::PathBuf) {
+        let _ = self.config_path.set(path);
+    }
+
+    pub(crate) fn set_server(&self, server: server::Server) {
+        let _ = self.server.set(server);
+    }
+
+    /// The running listeners, once [`server::Server::start`] ran.
+    pub fn server(&self) -> Option<&server::Server> {
+        self.server.get()
+    }
+
+    /// Records an event for the dashboard's timeline.
+    pub fn push_event(&self, kind: &'static str, pool: Option<&str>, backend: Option<&str>, text: impl Into<String>) {
+        let at_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let event = Event {
+            at_unix_ms,
+            kind,
+            pool: pool.map(str::to_string),
+            backend: backend.map(str::to_string),
+            text: text.into(),
+        };
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == MAX_EVENTS {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
     /// Starts the background work of a running balancer: a health checker
@@ -118,6 +210,7 @@ impl Runtime {
             .ok_or_else(|| format!("unknown backend `{backend}` in pool `{pool}`"))?;
         b.live.set_state_override(state, b.configured_state);
         tracing::info!(pool, backend, state = state.as_str(), "backend state set at runtime");
+        self.push_event("state", Some(pool), Some(backend), format!("set to {}", state.as_str()));
         Ok(())
     }
 }

@@ -33,6 +33,8 @@ pub struct BackendLive {
     pub requests: AtomicU64,
     /// Requests that failed at this backend (connect, reset, timeout, 5xx gateway).
     pub errors: AtomicU64,
+    /// Responses by status code (including tether's own 502/504 for it).
+    pub responses: crate::metrics::StatusCounts,
     /// Active checks and passive ejection.
     pub health: Health,
     pub checks_ok: AtomicU64,
@@ -60,6 +62,7 @@ impl BackendLive {
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            responses: Default::default(),
             health: Health::default(),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
@@ -175,6 +178,8 @@ pub struct PoolLive {
     pub refused_pinned: AtomicU64,
     /// Sessions lost with backends no longer in the configuration.
     pub sessions_lost_gone: AtomicU64,
+    /// Time to response headers.
+    pub durations: crate::metrics::Histogram,
 }
 
 /// Finds the live state of a backend identity, creating it on first sight.

@@ -15,15 +15,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the balancer.
+    /// Run the balancer. Reloads the config when the file changes, on SIGHUP
+    /// and on `POST /reload` to the admin listener.
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not watch the config file for changes (SIGHUP and the admin API still reload).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a configuration file: prints `ok` or every error as FILE:LINE:COL: message.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also show what changing from this (running) config to --config would cost.
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Run a demo app server that keeps sessions in its own memory.
     Backend {
@@ -57,8 +64,8 @@ fn main() -> ExitCode {
     // A scenario prints a report; per-request logs would bury it.
     let quiet = matches!(cli.command, Command::Demo { scenario: Some(_), .. });
     tether::cli::init_tracing(if quiet { "error" } else { "info" });
-    if let Command::Check { config } = &cli.command {
-        return tether::cli::check(config);
+    if let Command::Check { config, against } = &cli.command {
+        return tether::cli::check(config, against.as_deref());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -69,8 +76,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Serve { config } => tether::cli::serve(&config).await,
-            Command::Check { config } => tether::cli::check(&config),
+            Command::Serve { config, no_watch } => tether::cli::serve(&config, !no_watch).await,
+            Command::Check { config, against } => tether::cli::check(&config, against.as_deref()),
             Command::Backend { listen, name } => tether::cli::backend(listen, name).await,
             Command::Demo { scenario: Some(Scenario::Failover), clients, .. } => {
                 tether::cli::failover_scenario(clients).await

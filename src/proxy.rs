@@ -31,6 +31,8 @@ const RETRY_AFTER_SECS: &str = "5";
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
     pub https: bool,
 }
 
@@ -113,7 +115,7 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let mut placed = Placement::default();
-    let resp = match proxy(&runtime, &conn, req, &mut placed).await {
+    let resp = match proxy(&runtime, &conn, req, &mut placed, start).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(pool = placed.pool.as_deref(), backend = placed.backend.as_deref(), error = %e, "request failed");
@@ -140,6 +142,7 @@ async fn proxy(
     conn: &ConnInfo,
     req: Request<Incoming>,
     placed: &mut Placement,
+    start: Instant,
 ) -> Result<Response<Body>, ProxyError> {
     let snap = runtime.snapshot();
     let pool_idx = snap
@@ -191,7 +194,7 @@ async fn proxy(
             Ok(Ok((resp, connection))) => {
                 let status = resp.status();
                 if is_gateway_failure(status) {
-                    passive_failure(pool, backend, &format!("status {}", status.as_u16()));
+                    passive_failure(runtime, pool, backend, &format!("status {}", status.as_u16()));
                 } else {
                     backend.live.health.record_success();
                 }
@@ -201,14 +204,14 @@ async fn proxy(
                 break Ok(resp);
             }
             Ok(Err(SendError::NotSent { request, cause })) => {
-                passive_failure(pool, backend, &cause.to_string());
+                passive_failure(runtime, pool, backend, &cause.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.name, %cause, "backend unreachable, nothing sent");
                 req = *request;
                 pool.live.retries_connect.fetch_add(1, Ordering::Relaxed);
                 ProxyError::Connect(cause)
             }
             Ok(Err(SendError::Failed(e))) => {
-                passive_failure(pool, backend, "connection failed");
+                passive_failure(runtime, pool, backend, "connection failed");
                 let Some(again) = replay.as_mut().and_then(Replay::request) else { break Err(ProxyError::Upstream(e)) };
                 tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
                 req = again;
@@ -216,7 +219,7 @@ async fn proxy(
                 ProxyError::Upstream(e)
             }
             Err(_elapsed) => {
-                passive_failure(pool, backend, "timeout");
+                passive_failure(runtime, pool, backend, "timeout");
                 break Err(ProxyError::Timeout);
             }
         };
@@ -230,6 +233,12 @@ async fn proxy(
         }
     };
     account(pool, &sel);
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    };
+    pool.backends[sel.backend].live.responses.record(status.as_u16());
+    pool.live.durations.observe(start.elapsed());
     result
 }
 
@@ -238,9 +247,15 @@ fn is_gateway_failure(status: StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
-fn passive_failure(pool: &Pool, backend: &Backend, reason: &str) {
+fn passive_failure(runtime: &Runtime, pool: &Pool, backend: &Backend, reason: &str) {
     backend.live.errors.fetch_add(1, Ordering::Relaxed);
     if let Some(time) = backend.live.health.record_failure(&pool.passive, reason) {
+        runtime.push_event(
+            "ejection",
+            Some(&pool.name),
+            Some(&backend.name),
+            format!("ejected for {time:?}: {reason}"),
+        );
         tracing::warn!(
             target: "tether::health",
             pool = %pool.name, backend = %backend.name, ejected_for = ?time, reason,

@@ -1,9 +1,16 @@
 //! Listeners and client connections: accept, serve HTTP/1.1 or HTTP/2
-//! (h2c by prior knowledge), and drain gracefully on shutdown.
+//! (h2c by prior knowledge), and drain gracefully on shutdown or when a
+//! reload removes a listener.
+//!
+//! A reload changes listeners in two steps: [`Server::bind_new`] binds every
+//! address the new snapshot adds (so a bind failure fails the whole reload
+//! before anything changed), then [`Server::commit`] starts them and drains
+//! the removed ones.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -16,69 +23,191 @@ use tokio::task::JoinHandle;
 
 use crate::Runtime;
 use crate::proxy::{self, ConnInfo};
+use crate::snapshot::Snapshot;
 
 /// A client must send its request head within this time (slowloris); it is
 /// also how long an idle keep-alive connection stays open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The admin listener's name among listeners.
+pub const ADMIN: &str = "admin";
 
-/// The balancer's listeners, running.
+/// The balancer's running listeners. Cheap to clone: clones share them.
+#[derive(Clone)]
 pub struct Server {
-    addrs: Vec<(String, SocketAddr)>,
+    /// Weak: the runtime holds the server (for status), not the reverse.
+    runtime: std::sync::Weak<Runtime>,
+    running: Arc<Mutex<Vec<Running>>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("listeners", &self.stats()).finish()
+    }
+}
+
+/// One accepting listener.
+struct Running {
+    name: String,
+    /// The configured address (port 0 stays 0 here), which identifies it.
+    configured: SocketAddr,
+    local: SocketAddr,
     stop: watch::Sender<Option<Duration>>,
-    tasks: Vec<JoinHandle<bool>>,
+    task: JoinHandle<bool>,
+    connections: Arc<AtomicU64>,
+}
+
+/// What a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Proxy,
+    Admin,
+}
+
+/// Listeners bound for a reload, not yet accepting.
+pub struct Bound(Vec<(String, SocketAddr, TcpListener)>);
+
+/// Connection counts of one listener, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct ListenerStat {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub connections: u64,
 }
 
 impl Server {
-    /// Binds every listener of the current snapshot (all or none) and starts
-    /// accepting.
+    /// Binds every listener of the current snapshot, and the admin listener
+    /// if configured (all or none), starts accepting and starts the
+    /// runtime's background tasks.
     pub async fn start(runtime: Arc<Runtime>) -> io::Result<Server> {
+        let server = Server { runtime: Arc::downgrade(&runtime), running: Arc::default() };
         let snap = runtime.snapshot();
-        let mut bound = Vec::with_capacity(snap.listeners.len());
-        for l in &snap.listeners {
-            let listener = TcpListener::bind(l.addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.addr)))?;
-            bound.push((l.name.clone(), listener));
-        }
+        let bound = server.bind_new(&snap).await?;
         runtime.start_tasks();
-        let (stop, stop_rx) = watch::channel(None);
-        let mut addrs = Vec::new();
-        let mut tasks = Vec::new();
-        for (name, listener) in bound {
-            let addr = listener.local_addr()?;
-            tracing::info!(listener = %name, %addr, "listening");
-            addrs.push((name.clone(), addr));
-            tasks.push(tokio::spawn(accept_loop(runtime.clone(), Arc::from(name.as_str()), listener, stop_rx.clone())));
+        server.commit(&snap, bound);
+        runtime.set_server(server.clone());
+        Ok(server)
+    }
+
+    /// Binds the listeners `snap` has and the running set lacks. Nothing is
+    /// started or stopped yet.
+    pub async fn bind_new(&self, snap: &Snapshot) -> io::Result<Bound> {
+        let mut bound = Vec::new();
+        for (name, addr) in wanted(snap) {
+            if self.is_running(&name, addr) {
+                continue;
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("listener `{name}` cannot bind {addr}: {e}")))?;
+            bound.push((name, addr, listener));
         }
-        Ok(Server { addrs, stop, tasks })
+        Ok(Bound(bound))
+    }
+
+    /// Starts the listeners in `bound` and drains the running ones `snap`
+    /// no longer has.
+    pub fn commit(&self, snap: &Snapshot, bound: Bound) {
+        let Some(runtime) = self.runtime.upgrade() else { return };
+        let wanted = wanted(snap);
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|r| {
+            let keep = wanted.iter().any(|(n, a)| *n == r.name && *a == r.configured);
+            if !keep {
+                tracing::info!(listener = %r.name, addr = %r.local, "listener removed: draining its connections");
+                let _ = r.stop.send(Some(snap.shutdown_timeout));
+            }
+            keep
+        });
+        for (name, configured, listener) in bound.0 {
+            let Ok(local) = listener.local_addr() else { continue };
+            let kind = if name == ADMIN { Kind::Admin } else { Kind::Proxy };
+            tracing::info!(listener = %name, addr = %local, "listening");
+            let (stop, stop_rx) = watch::channel(None);
+            let connections = Arc::new(AtomicU64::new(0));
+            let task = tokio::spawn(accept_loop(
+                runtime.clone(),
+                kind,
+                Arc::from(name.as_str()),
+                listener,
+                stop_rx,
+                connections.clone(),
+            ));
+            running.push(Running { name, configured, local, stop, task, connections });
+        }
+    }
+
+    fn is_running(&self, name: &str, addr: SocketAddr) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.iter().any(|r| r.name == name && r.configured == addr)
     }
 
     /// The bound address of a listener (useful with port 0).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.addrs.iter().find(|(n, _)| n == listener).map(|(_, a)| *a)
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.iter().find(|r| r.name == listener).map(|r| r.local)
     }
 
-    pub fn addrs(&self) -> &[(String, SocketAddr)] {
-        &self.addrs
+    /// The bound address of the admin listener, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.local_addr(ADMIN)
+    }
+
+    /// Every proxy listener's name and bound address.
+    pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.iter().filter(|r| r.name != ADMIN).map(|r| (r.name.clone(), r.local)).collect()
+    }
+
+    /// Open client connections per listener.
+    pub fn stats(&self) -> Vec<ListenerStat> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .map(|r| ListenerStat {
+                name: r.name.clone(),
+                addr: r.local,
+                connections: r.connections.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `deadline`,
     /// then closes what is left. Returns whether everything finished in time.
-    pub async fn shutdown(self, deadline: Duration) -> bool {
-        let _ = self.stop.send(Some(deadline));
+    pub async fn shutdown(&self, deadline: Duration) -> bool {
+        let tasks: Vec<JoinHandle<bool>> = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .drain(..)
+                .map(|r| {
+                    let _ = r.stop.send(Some(deadline));
+                    r.task
+                })
+                .collect()
+        };
         let mut clean = true;
-        for t in self.tasks {
+        for t in tasks {
             clean &= t.await.unwrap_or(false);
         }
         clean
     }
 }
 
+/// Every listener a snapshot wants: the proxy listeners and the admin one.
+fn wanted(snap: &Snapshot) -> Vec<(String, SocketAddr)> {
+    let mut out: Vec<(String, SocketAddr)> = snap.listeners.iter().map(|l| (l.name.clone(), l.addr)).collect();
+    if let Some(admin) = &snap.admin {
+        out.push((ADMIN.to_string(), admin.listen));
+    }
+    out
+}
+
 async fn accept_loop(
     runtime: Arc<Runtime>,
+    kind: Kind,
     name: Arc<str>,
     listener: TcpListener,
     mut stop: watch::Receiver<Option<Duration>>,
+    connections: Arc<AtomicU64>,
 ) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
@@ -92,7 +221,10 @@ async fn accept_loop(
                 break deadline.unwrap_or(Duration::ZERO);
             }
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => serve_connection(&runtime, &builder, &graceful, &name, tcp, peer),
+                Ok((tcp, peer)) => {
+                    let conn = Connection { runtime: &runtime, builder: &builder, graceful: &graceful, name: &name };
+                    conn.serve(kind, tcp, peer, Counted::new(&connections));
+                }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
                     tracing::warn!(listener = %name, error = %e, "accept failed");
@@ -106,23 +238,64 @@ async fn accept_loop(
     tokio::time::timeout(deadline, graceful.shutdown()).await.is_ok()
 }
 
-fn serve_connection(
-    runtime: &Arc<Runtime>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
-    name: &Arc<str>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) {
-    let _ = tcp.set_nodelay(true);
-    let info = Arc::new(ConnInfo { listener: name.clone(), peer, https: false });
-    let rt = runtime.clone();
-    let svc = service_fn(move |req| proxy::handle(rt.clone(), info.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-        }
-    });
+/// Counts a connection as open until dropped.
+struct Counted(Arc<AtomicU64>);
+
+impl Counted {
+    fn new(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Counted(counter.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What serving one accepted connection needs from its listener.
+struct Connection<'a> {
+    runtime: &'a Arc<Runtime>,
+    builder: &'a Arc<auto::Builder<TokioExecutor>>,
+    graceful: &'a GracefulShutdown,
+    name: &'a Arc<str>,
+}
+
+impl Connection<'_> {
+    fn serve(self, kind: Kind, tcp: TcpStream, peer: SocketAddr, counted: Counted) {
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().unwrap_or(peer);
+        let info = Arc::new(ConnInfo { listener: self.name.clone(), peer, local, https: false });
+        let rt = self.runtime.clone();
+        let io = TokioIo::new(tcp);
+        let conn = match kind {
+            Kind::Proxy => {
+                let svc = service_fn(move |req| proxy::handle(rt.clone(), info.clone(), req));
+                let conn = self.builder.serve_connection_with_upgrades(io, svc).into_owned();
+                futures_boxed(self.graceful.watch(conn))
+            }
+            Kind::Admin => {
+                let svc = service_fn(move |req| crate::admin::handle(rt.clone(), info.clone(), req));
+                let conn = self.builder.serve_connection(io, svc).into_owned();
+                futures_boxed(self.graceful.watch(conn))
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+            drop(counted);
+        });
+    }
+}
+
+type ConnFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send>>;
+
+fn futures_boxed<F>(f: F) -> ConnFuture
+where
+    F: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+{
+    Box::pin(f)
 }

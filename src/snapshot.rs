@@ -30,9 +30,19 @@ pub struct Snapshot {
     pub version: u64,
     pub listeners: Vec<ListenerSpec>,
     pub router: Router,
+    /// Changes whenever the routes change (for reload summaries).
+    pub routes_fingerprint: u64,
     pub pools: Vec<Pool>,
     pub shutdown_timeout: Duration,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminSpec>,
+}
+
+/// The admin listener's settings.
+#[derive(Debug, Clone)]
+pub struct AdminSpec {
+    pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` when set.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,13 +219,26 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
             pool,
         );
     }
+    let routes_text: String = cfg
+        .routes
+        .iter()
+        .map(|r| {
+            format!(
+                "{:?} {:?} {}\n",
+                r.host.as_ref().map(|h| h.get_ref()),
+                r.path_prefix.as_ref().map(|p| p.get_ref()),
+                r.pool.get_ref()
+            )
+        })
+        .collect();
     Ok(Snapshot {
         version,
         listeners,
         router,
+        routes_fingerprint: xxhash_rust::xxh3::xxh3_64(routes_text.as_bytes()),
         pools,
         shutdown_timeout: cfg.timeouts.shutdown.0,
-        admin: cfg.admin.as_ref().map(|a| a.listen.get_ref().0),
+        admin: cfg.admin.as_ref().map(|a| AdminSpec { listen: a.listen.get_ref().0, token: a.resolved_token.clone() }),
     })
 }
 
@@ -310,10 +333,10 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
 
 fn set_cookie_header(c: &config::CookieSection, value: &str) -> Result<HeaderValue, String> {
     let mut b = cookie::Cookie::build((c.name.get_ref().clone(), value.to_string()))
-        .path(c.path.clone())
+        .path(c.path.get_ref().clone())
         .http_only(c.http_only)
         .secure(c.secure)
-        .same_site(match c.same_site {
+        .same_site(match c.same_site.get_ref() {
             SameSite::Lax => cookie::SameSite::Lax,
             SameSite::Strict => cookie::SameSite::Strict,
             SameSite::None => cookie::SameSite::None,

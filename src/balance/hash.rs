@@ -155,6 +155,66 @@ impl HashTable {
     }
 }
 
+/// The exact share of the key space whose owner (by name) differs between
+/// two tables: computed from ring arcs or Maglev slots, not sampled. Tables
+/// of different kinds or Maglev sizes are compared on 100k sample keys.
+pub fn moved_fraction(old: &HashTable, old_names: &[&str], new: &HashTable, new_names: &[&str]) -> f64 {
+    fn name<'a>(names: &[&'a str], i: usize) -> Option<&'a str> {
+        names.get(i).copied()
+    }
+    match (&old.kind, &new.kind) {
+        (Kind::Ring(a), Kind::Ring(b)) if !a.is_empty() && !b.is_empty() => {
+            // Walk every breakpoint of both rings: between two consecutive
+            // ones, both owners are constant.
+            let pos = |p: &u64| p & !INDEX_MASK;
+            let mut all: Vec<u64> = a.iter().chain(b.iter()).map(pos).collect();
+            all.sort_unstable();
+            all.dedup();
+            let (mut ia, mut ib) = (0usize, 0usize);
+            let mut moved: u128 = 0;
+            let mut prev = all.last().map_or(0, |&x| x);
+            for (k, &x) in all.iter().enumerate() {
+                while ia < a.len() && pos(&a[ia]) < x {
+                    ia += 1;
+                }
+                while ib < b.len() && pos(&b[ib]) < x {
+                    ib += 1;
+                }
+                let oa = (a[ia % a.len()] & INDEX_MASK) as usize;
+                let ob = (b[ib % b.len()] & INDEX_MASK) as usize;
+                let len = if k == 0 { x.wrapping_sub(prev) } else { x - prev };
+                // A single breakpoint owns the whole circle.
+                let len = if all.len() == 1 { u128::from(u64::MAX) + 1 } else { u128::from(len) };
+                if name(old_names, oa) != name(new_names, ob) {
+                    moved += len;
+                }
+                prev = x;
+            }
+            moved as f64 / 2f64.powi(64)
+        }
+        (Kind::Maglev(a), Kind::Maglev(b)) if a.len() == b.len() && !a.is_empty() => {
+            let moved = a
+                .iter()
+                .zip(b.iter())
+                .filter(|(x, y)| name(old_names, **x as usize) != name(new_names, **y as usize))
+                .count();
+            moved as f64 / a.len() as f64
+        }
+        _ => {
+            const SAMPLES: u64 = 100_000;
+            let moved = (0..SAMPLES)
+                .filter(|i| {
+                    let h = hash_key(&i.to_le_bytes());
+                    let o = old.owner(h).and_then(|i| name(old_names, i));
+                    let n = new.owner(h).and_then(|i| name(new_names, i));
+                    o != n
+                })
+                .count();
+            moved as f64 / SAMPLES as f64
+        }
+    }
+}
+
 /// Most in-flight requests a backend may hold under bounded loads, counting
 /// the request being placed.
 pub fn capacity(c: f64, total: u64, weight: u32, total_weight: u64) -> u64 {

@@ -114,11 +114,15 @@ pub(crate) struct Errors<'a> {
     file: &'a str,
     text: &'a str,
     pub(crate) list: Vec<ConfigError>,
+    /// Named sections that exist but did not parse, as (`pools`, name):
+    /// their error is already reported, so they are neither missing nor
+    /// unknown to references.
+    pub(crate) unparsed: Vec<(String, String)>,
 }
 
 impl<'a> Errors<'a> {
     fn new(file: &'a str, text: &'a str) -> Self {
-        Errors { file, text, list: Vec::new() }
+        Errors { file, text, list: Vec::new(), unparsed: Vec::new() }
     }
 
     pub(crate) fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
@@ -154,8 +158,9 @@ impl<'a> Errors<'a> {
         let mut out = Vec::new();
         for (key, value) in table {
             let key_span = key.span();
-            if let Some(v) = self.section(value) {
-                out.push(Named { name: key.get_ref().to_string(), span: key_span, value: v });
+            match self.section(value) {
+                Some(v) => out.push(Named { name: key.get_ref().to_string(), span: key_span, value: v }),
+                None => self.unparsed.push((what.to_string(), key.get_ref().to_string())),
             }
         }
         out

@@ -33,6 +33,14 @@ pub struct Named<T> {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Spanned<Addr>,
+    /// When set, every admin API request needs `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+    #[serde(default)]
+    pub token_file: Option<Spanned<PathBuf>>,
+    /// Read from `token` or `token_file` by validation.
+    #[serde(skip)]
+    pub resolved_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,12 +258,12 @@ pub enum Balance {
 #[serde(deny_unknown_fields, default)]
 pub struct CookieSection {
     pub name: Spanned<String>,
-    pub path: String,
+    pub path: Spanned<String>,
     pub domain: Option<String>,
     pub max_age: Option<Dur>,
     pub http_only: bool,
     pub secure: bool,
-    pub same_site: SameSite,
+    pub same_site: Spanned<SameSite>,
     pub secret: Option<Spanned<String>>,
     pub secret_file: Option<Spanned<PathBuf>>,
     /// The signing key, read from `secret` or `secret_file` by validation.
@@ -267,12 +275,12 @@ impl Default for CookieSection {
     fn default() -> Self {
         CookieSection {
             name: Spanned::new(0..0, "tether".to_string()),
-            path: "/".to_string(),
+            path: Spanned::new(0..0, "/".to_string()),
             domain: None,
             max_age: None,
             http_only: true,
             secure: false,
-            same_site: SameSite::Lax,
+            same_site: Spanned::new(0..0, SameSite::Lax),
             secret: None,
             secret_file: None,
             resolved_secret: None,

@@ -14,18 +14,52 @@ pub const MAX_RETRIES: u32 = 10;
 pub const MIN_SECRET_LEN: usize = 16;
 
 pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) -> Config {
-    let pool_names: HashSet<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+    // A section with an error still exists: no "unknown pool" or "no pools" for it.
+    let unparsed = |what: &str| -> Vec<String> {
+        errs.unparsed.iter().filter(|(w, _)| w == what).map(|(_, n)| n.clone()).collect()
+    };
+    let (unparsed_pools, unparsed_listeners) = (unparsed("pools"), unparsed("listeners"));
+    let pool_names: HashSet<&str> =
+        cfg.pools.iter().map(|p| p.name.as_str()).chain(unparsed_pools.iter().map(String::as_str)).collect();
     let unknown_pool = |name: &str| {
         let mut known: Vec<&str> = pool_names.iter().copied().collect();
         known.sort_unstable();
         format!("unknown pool `{name}`; defined pools: {}", known.join(", "))
     };
 
-    if cfg.listeners.is_empty() {
+    if cfg.listeners.is_empty() && unparsed_listeners.is_empty() {
         errs.at(0..0, "no listeners: define at least one [listeners.NAME] with `listen = \"IP:PORT\"`");
     }
-    if cfg.pools.is_empty() {
+    if pool_names.is_empty() {
         errs.at(0..0, "no pools: define at least one [pools.NAME] with [[pools.NAME.backends]]");
+    }
+
+    if let Some(admin) = &mut cfg.admin {
+        admin.resolved_token = match (&admin.token, &admin.token_file) {
+            (Some(_), Some(file)) => {
+                errs.at(file.span(), "set either `token` or `token_file`, not both");
+                None
+            }
+            (Some(t), None) => Some(t.get_ref().clone()),
+            (None, Some(file)) => match std::fs::read_to_string(base_dir.join(file.get_ref())) {
+                Ok(t) => Some(t.trim_end().to_string()),
+                Err(e) => {
+                    errs.at(file.span(), format!("cannot read token_file `{}`: {e}", file.get_ref().display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if admin.resolved_token.as_ref().is_some_and(|t| t.len() < MIN_SECRET_LEN) {
+            errs.at(admin.listen.span(), format!("admin token is too short: use at least {MIN_SECRET_LEN} characters"));
+        }
+        let ip = admin.listen.get_ref().0.ip();
+        if !ip.is_loopback() && admin.token.is_none() && admin.token_file.is_none() {
+            errs.at(
+                admin.listen.span(),
+                format!("admin listens on non-loopback address {ip} without a token: set `token` or `token_file`"),
+            );
+        }
     }
 
     let mut listen_addrs = HashSet::new();
@@ -121,12 +155,12 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         if let Err(msg) = check_cookie_name(cookie.name.get_ref()) {
             errs.at(cookie.name.span(), msg);
         }
-        if !cookie.path.starts_with('/') {
-            errs.at(cookie.name.span(), format!("cookie path `{}` must start with `/`", cookie.path));
+        if !cookie.path.get_ref().starts_with('/') {
+            errs.at(cookie.path.span(), format!("cookie path `{}` must start with `/`", cookie.path.get_ref()));
         }
-        if cookie.same_site == SameSite::None && !cookie.secure {
+        if *cookie.same_site.get_ref() == SameSite::None && !cookie.secure {
             errs.at(
-                cookie.name.span(),
+                cookie.same_site.span(),
                 "same_site = \"none\" requires secure = true (browsers drop such cookies otherwise)",
             );
         }
