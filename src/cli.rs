@@ -120,6 +120,7 @@ pub async fn demo(path: Option<&Path>) -> ExitCode {
         }
     }
     let listeners: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.value.listen.get_ref().0).collect();
+    let admin = cfg.admin.as_ref().map(|a| a.listen.get_ref().0);
     run(&cfg, None, move || {
         let backends: Vec<String> = started.iter().map(ToString::to_string).collect();
         println!("tether demo: backends on {} (sessions in their own memory)", backends.join(", "));
@@ -130,6 +131,10 @@ pub async fn demo(path: Option<&Path>) -> ExitCode {
             println!("request is a new client. Hash affinity by header (no cookie):");
             println!("  curl -H 'X-User-Id: alice' http://{addr}/api/");
         }
+        if let Some(admin) = admin {
+            println!("dashboard: http://{admin}/   status: curl http://{admin}/status   metrics: /metrics");
+        }
+        println!("what a dying backend costs: tether demo --scenario failover");
         println!("Ctrl-C stops.");
     })
     .await
