@@ -19,6 +19,7 @@
 //! rewrites headers, sends through the backend's pool (failing over when a
 //! connection cannot be made), and adds the affinity cookie to the response.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod cli;

@@ -189,6 +189,8 @@ pub struct PoolLive {
 pub struct Registry {
     map: Mutex<HashMap<BackendKey, Weak<BackendLive>>>,
     pools: Mutex<HashMap<String, Weak<PoolLive>>>,
+    /// Access log writers, reused by reloads that keep the target.
+    pub access_logs: crate::access_log::Sinks,
 }
 
 impl Registry {

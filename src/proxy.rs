@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use crate::Runtime;
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
-use crate::snapshot::{AffinityRule, Backend, Pool};
+use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
 use crate::upstream::{Body, ConnectError, SendError};
 
 /// `Retry-After` on 503s: about how long a check cycle takes to notice a
@@ -112,39 +112,43 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    // The one snapshot this request uses to its end, even if a reload swaps
+    // in another meanwhile.
+    let snap = runtime.snapshot();
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let version = req.version();
     let mut placed = Placement::default();
-    let resp = match proxy(&runtime, &conn, req, &mut placed, start).await {
+    let resp = match proxy(&runtime, &snap, &conn, req, &mut placed, start).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(pool = placed.pool.as_deref(), backend = placed.backend.as_deref(), error = %e, "request failed");
             e.into_response()
         }
     };
-    tracing::info!(
-        target: "tether::access",
-        client = %conn.peer,
-        method = %method,
-        path = uri.path(),
-        status = resp.status().as_u16(),
-        pool = placed.pool.as_deref().unwrap_or("-"),
-        backend = placed.backend.as_deref().unwrap_or("-"),
-        affinity = placed.outcome.map_or("-", Outcome::as_str),
-        attempts = placed.attempts,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-    );
+    snap.access_log.write(&crate::access_log::Entry {
+        client: conn.peer,
+        method: method.as_str(),
+        path: uri.path(),
+        version,
+        status: resp.status().as_u16(),
+        pool: placed.pool.as_deref().unwrap_or("-"),
+        backend: placed.backend.as_deref().unwrap_or("-"),
+        affinity: placed.outcome.map_or("-", Outcome::as_str),
+        attempts: placed.attempts,
+        duration: start.elapsed(),
+    });
     Ok(resp)
 }
 
 async fn proxy(
     runtime: &Runtime,
+    snap: &Snapshot,
     conn: &ConnInfo,
     req: Request<Incoming>,
     placed: &mut Placement,
     start: Instant,
 ) -> Result<Response<Body>, ProxyError> {
-    let snap = runtime.snapshot();
     let pool_idx = snap
         .router
         .route(crate::routing::request_host(&req), req.uri().path())

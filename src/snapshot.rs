@@ -35,6 +35,7 @@ pub struct Snapshot {
     pub pools: Vec<Pool>,
     pub shutdown_timeout: Duration,
     pub admin: Option<AdminSpec>,
+    pub access_log: crate::access_log::AccessLog,
 }
 
 /// The admin listener's settings.
@@ -236,6 +237,7 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
         listeners,
         router,
         routes_fingerprint: xxhash_rust::xxh3::xxh3_64(routes_text.as_bytes()),
+        access_log: registry.access_logs.get(&cfg.log.access, cfg.log.format)?,
         pools,
         shutdown_timeout: cfg.timeouts.shutdown.0,
         admin: cfg.admin.as_ref().map(|a| AdminSpec { listen: a.listen.get_ref().0, token: a.resolved_token.clone() }),

@@ -15,6 +15,7 @@ use toml::Spanned;
 #[derive(Debug, Default)]
 pub struct Config {
     pub admin: Option<AdminSection>,
+    pub log: LogSection,
     pub timeouts: GlobalTimeouts,
     pub listeners: Vec<Named<ListenerSection>>,
     pub routes: Vec<RouteSection>,
@@ -41,6 +42,50 @@ pub struct AdminSection {
     /// Read from `token` or `token_file` by validation.
     #[serde(skip)]
     pub resolved_token: Option<String>,
+}
+
+/// `[log]`: where the access log goes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub access: AccessTarget,
+    pub format: AccessFormat,
+}
+
+/// `"tracing"` (default: the `tether::access` event, filtered by `RUST_LOG`),
+/// `"stdout"`, `"off"`, or a file path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AccessTarget {
+    #[default]
+    Tracing,
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for AccessTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "tracing" => AccessTarget::Tracing,
+            "stdout" => AccessTarget::Stdout,
+            "off" => AccessTarget::Off,
+            "" => {
+                return Err(serde::de::Error::custom("access must be \"tracing\", \"stdout\", \"off\" or a file path"));
+            }
+            path => AccessTarget::File(PathBuf::from(path)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Apache combined-like, with tether's fields appended.
+    Combined,
 }
 
 #[derive(Debug, Deserialize)]

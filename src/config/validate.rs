@@ -62,6 +62,12 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         }
     }
 
+    if let super::AccessTarget::File(p) = &mut cfg.log.access {
+        if p.is_relative() {
+            *p = base_dir.join(&*p);
+        }
+    }
+
     let mut listen_addrs = HashSet::new();
     for l in &cfg.listeners {
         let addr = l.value.listen.get_ref().0;
