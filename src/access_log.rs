@@ -130,9 +130,9 @@ fn drain(rx: Receiver<String>, out: Box<dyn Write + Send>) {
 fn json_line(e: &Entry<'_>) -> String {
     let ts = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let mut s = String::with_capacity(256);
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "{{\"ts\":{ts:.3},\"client\":\"{}\",\"method\":{},\"path\":{},\"status\":{},\"pool\":{},\"backend\":{},\"affinity\":\"{}\",\"attempts\":{},\"duration_ms\":{:.3}}}\n",
+        "{{\"ts\":{ts:.3},\"client\":\"{}\",\"method\":{},\"path\":{},\"status\":{},\"pool\":{},\"backend\":{},\"affinity\":\"{}\",\"attempts\":{},\"duration_ms\":{:.3}}}",
         e.client,
         json_str(e.method),
         json_str(e.path),

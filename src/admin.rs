@@ -136,8 +136,9 @@ fn authorized(rt: &Runtime, req: &Request<Incoming>) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 

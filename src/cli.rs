@@ -172,11 +172,11 @@ async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: im
             return ExitCode::FAILURE;
         }
     };
-    if let Some((path, watch)) = reload {
-        if let Err(e) = crate::reload::start(&runtime, path, watch) {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    if let Some((path, watch)) = reload
+        && let Err(e) = crate::reload::start(&runtime, path, watch)
+    {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
     }
     ready();
     shutdown_signal().await;

@@ -44,8 +44,9 @@ pub struct BackendLive {
     pub sessions_lost: AtomicU64,
     /// Distinct affinity holders seen recently.
     pub holders: Distinct,
-    /// Hash keys already counted as lost in the current outage
-    /// (direct-mapped, so approximate beyond a few thousand keys).
+    /// Hash keys already counted as lost in the current outage: an
+    /// insert-only open-addressing set per outage (see
+    /// [`BackendLive::first_loss`]), exact up to hundreds of keys.
     lost_keys: Box<[AtomicU64]>,
     /// Runtime override of the configured state (admin API), with the
     /// configured state it overrode: a config change to the state wins.
@@ -80,11 +81,36 @@ impl BackendLive {
     }
 
     /// Whether a hash key's loss is new in this outage (then it counts).
+    ///
+    /// An entry is the key's high 48 bits and a 16-bit outage tag (from the
+    /// up-epoch, never 0), so entries of an earlier outage are free slots.
+    /// Linear probing, insert only within an outage: a slot of this outage
+    /// never changes again, so the first slot that is free or stale ends the
+    /// search. Two keys sharing a slot are both remembered (a direct-mapped
+    /// table overwrote one with the other and counted them again on every
+    /// alternation). Only when [`LOST_KEY_PROBES`] slots in a row hold other
+    /// keys of this outage does a key count again.
     pub fn first_loss(&self, key: u64) -> bool {
-        // Mixing in the up-epoch makes a later outage count the key again.
-        let tagged = key ^ self.health.up_epoch().wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let slot = &self.lost_keys[(key % LOST_KEY_SLOTS as u64) as usize];
-        slot.swap(tagged, Ordering::Relaxed) != tagged
+        let tag = self.health.up_epoch() % 0xFFFF + 1;
+        let entry = (key & !0xFFFF) | tag;
+        let start = (key % LOST_KEY_SLOTS as u64) as usize;
+        for i in 0..LOST_KEY_PROBES {
+            let slot = &self.lost_keys[(start + i) % LOST_KEY_SLOTS];
+            let mut seen = slot.load(Ordering::Relaxed);
+            loop {
+                if seen == entry {
+                    return false;
+                }
+                if seen & 0xFFFF == tag {
+                    break; // another key of this outage: probe on
+                }
+                match slot.compare_exchange(seen, entry, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return true,
+                    Err(now) => seen = now,
+                }
+            }
+        }
+        true
     }
 
     pub fn record_check(&self, ok: bool) {
@@ -107,9 +133,25 @@ impl BackendLive {
 
     /// Overrides the configured state at runtime (kept across reloads until
     /// the config changes this backend's state).
+    /// Setting the configured state itself removes the override.
     pub fn set_state_override(&self, state: BackendState, configured: BackendState) {
+        if state == configured {
+            self.state_override.store(NO_OVERRIDE, Ordering::Relaxed);
+            return;
+        }
         self.overridden_config_state.store(encode_state(configured), Ordering::Relaxed);
         self.state_override.store(encode_state(state), Ordering::Relaxed);
+    }
+
+    /// Drops a runtime override once a configuration that changed this
+    /// backend's state is made current: the config won, and the override
+    /// must not come back when the config later returns to the old state.
+    pub fn forget_override_if_config_changed(&self, configured: BackendState) {
+        let o = self.state_override.load(Ordering::Relaxed);
+        if o != NO_OVERRIDE && self.overridden_config_state.load(Ordering::Relaxed) != encode_state(configured) {
+            self.state_override.store(NO_OVERRIDE, Ordering::Relaxed);
+            self.overridden_config_state.store(NO_OVERRIDE, Ordering::Relaxed);
+        }
     }
 
     /// Whether a runtime override is in force against `configured`.
@@ -132,6 +174,7 @@ impl BackendLive {
 
 const NO_OVERRIDE: u8 = u8::MAX;
 const LOST_KEY_SLOTS: usize = 1024;
+const LOST_KEY_PROBES: usize = 16;
 
 fn encode_state(s: BackendState) -> u8 {
     match s {
@@ -235,6 +278,27 @@ mod tests {
         let moved = reg.get_or_create(key("a", 2));
         assert!(moved.is_up());
         assert!(!Arc::ptr_eq(&a, &moved));
+    }
+
+    #[test]
+    fn a_lost_hash_key_counts_once_per_outage_even_beside_a_key_in_its_slot() {
+        let reg = Registry::default();
+        let a = reg.get_or_create(key("a", 1));
+        // Same slot (equal modulo 1024), different keys; then 300 more keys.
+        let (k1, k2) = (5 + (7 << 20), 5 + (9 << 20));
+        let others: Vec<u64> = (0..300u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let mut counted = 0;
+        for _ in 0..3 {
+            for &k in [k1, k2].iter().chain(&others) {
+                counted += u64::from(a.first_loss(k));
+            }
+        }
+        assert_eq!(counted, 302, "each key once in one outage");
+        // Back up, then down again: a new outage counts every key again.
+        a.health.set_active(false, "test");
+        a.health.set_active(true, "test");
+        assert!(a.first_loss(k1) && a.first_loss(k2));
+        assert!(!a.first_loss(k1) && !a.first_loss(k2));
     }
 
     #[tokio::test]

@@ -67,9 +67,6 @@ pub fn start(runtime: &Arc<Runtime>, path: PathBuf, watch: bool) -> Result<(), S
     if runtime.reloader.set(handle.clone()).is_err() {
         return Err("a reloader is already running".to_string());
     }
-    runtime.set_config_path(path.clone());
-    let watcher = if watch { Some(watch_file(&path, handle.clone())?) } else { None };
-    tokio::spawn(run(Arc::downgrade(runtime), path, rx, watcher));
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -82,6 +79,9 @@ pub fn start(runtime: &Arc<Runtime>, path: PathBuf, watch: bool) -> Result<(), S
             }
         });
     }
+    runtime.set_config_path(path.clone());
+    let watcher = if watch { Some(watch_file(&path, handle.clone())?) } else { None };
+    tokio::spawn(run(Arc::downgrade(runtime), path, rx, watcher));
     Ok(())
 }
 

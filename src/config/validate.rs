@@ -62,10 +62,10 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         }
     }
 
-    if let super::AccessTarget::File(p) = &mut cfg.log.access {
-        if p.is_relative() {
-            *p = base_dir.join(&*p);
-        }
+    if let super::AccessTarget::File(p) = &mut cfg.log.access
+        && p.is_relative()
+    {
+        *p = base_dir.join(&*p);
     }
 
     let mut listen_addrs = HashSet::new();
