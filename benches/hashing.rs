@@ -1,1 +1,104 @@
-fn main() {}
+//! Consistent-hash lookups and table builds, and the affinity cookie codec.
+//!
+//! `cargo bench --bench hashing`; see benches/README.md.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use tether::balance::cookie::CookieCodec;
+use tether::balance::hash::{Algorithm, HashTable, hash_key};
+
+const SECRET: &[u8] = b"bench-secret-0123456789abcdef-0123";
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("backend-{i}")).collect()
+}
+
+fn table(algorithm: Algorithm, names: &[String]) -> HashTable {
+    let entries: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+    HashTable::build(algorithm, &entries)
+}
+
+/// A new, well-mixed key hash per call (one add), so every lookup lands
+/// somewhere else in the table as real traffic would.
+struct FreshHashes(u64);
+
+impl FreshHashes {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0
+    }
+}
+
+fn lookup(c: &mut Criterion) {
+    for (label, algorithm) in [("ring", Algorithm::Ring), ("maglev", Algorithm::Maglev)] {
+        let mut group = c.benchmark_group(format!("{label}_owner"));
+        for n in [3usize, 10, 100, 1000] {
+            let table = table(algorithm, &names(n));
+            let mut hashes = FreshHashes(1);
+            group.bench_with_input(BenchmarkId::from_parameter(n), &table, |b, t| {
+                b.iter(|| t.owner(black_box(hashes.next())));
+            });
+        }
+        group.finish();
+
+        // What a request does: hash a ~20-byte key (a user id header), then
+        // look it up. The last 8 bytes change per call.
+        let mut group = c.benchmark_group(format!("{label}_hash_key_and_owner"));
+        for n in [3usize, 10, 100, 1000] {
+            let table = table(algorithm, &names(n));
+            let mut key = *b"user-id-000000000000";
+            let mut i = 0u64;
+            group.bench_with_input(BenchmarkId::from_parameter(n), &table, |b, t| {
+                b.iter(|| {
+                    i += 1;
+                    key[12..].copy_from_slice(&i.to_le_bytes());
+                    t.owner(hash_key(black_box(&key)))
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
+fn build(c: &mut Criterion) {
+    for (label, algorithm) in [("ring", Algorithm::Ring), ("maglev", Algorithm::Maglev)] {
+        let mut group = c.benchmark_group(format!("{label}_build"));
+        for n in [10usize, 100] {
+            let names = names(n);
+            let entries: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+            group.bench_with_input(BenchmarkId::from_parameter(n), &entries, |b, e| {
+                b.iter(|| HashTable::build(algorithm, black_box(e)));
+            });
+        }
+        group.finish();
+    }
+}
+
+fn cookie(c: &mut Criterion) {
+    let signed = CookieCodec::new("app", "tether", Some(SECRET));
+    let unsigned = CookieCodec::new("app", "tether", None);
+    let mut group = c.benchmark_group("cookie");
+    group.bench_function("encode_signed", |b| b.iter(|| signed.encode(black_box("app-backend-7"))));
+    let value = signed.encode("app-backend-7");
+    group.bench_function("decode_signed", |b| b.iter(|| signed.decode(black_box(&value))));
+    let value = unsigned.encode("app-backend-7");
+    group.bench_function("decode_unsigned", |b| b.iter(|| unsigned.decode(black_box(&value))));
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = lookup, build, cookie
+}
+criterion_main!(benches);

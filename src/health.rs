@@ -130,14 +130,24 @@ impl Health {
             return false;
         }
         // The ejection is over: the first caller to notice lets it back in.
-        if self.ejected.swap(false, Ordering::Relaxed) {
-            self.last_ejection_end_ms.store(now, Ordering::Relaxed);
-            self.up_epoch.fetch_add(1, Ordering::Relaxed);
-            self.ramp_start_ms.store(now.max(1), Ordering::Relaxed);
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-            self.set_note("ejection ended");
+        if self.end_ejection("ejection ended") {
             tracing::info!(target: "tether::health", reason = "ejection ended", "backend back in rotation");
         }
+        true
+    }
+
+    /// Ends a passive ejection in force (its timer ran out, or an active
+    /// check passed); returns whether there was one.
+    pub(crate) fn end_ejection(&self, reason: &str) -> bool {
+        if !self.ejected.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        let now = now_ms();
+        self.last_ejection_end_ms.store(now, Ordering::Relaxed);
+        self.up_epoch.fetch_add(1, Ordering::Relaxed);
+        self.ramp_start_ms.store(now.max(1), Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.set_note(reason);
         true
     }
 
@@ -262,6 +272,13 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
             match current_check(&rt, &backend) {
                 Some(check) => check,
                 None => {
+                    // Checks removed (or the backend left): without checks a
+                    // backend is up unless traffic ejects it. A checker
+                    // started later begins afresh with its first check.
+                    if backend.health.set_active(true, "health checks removed") {
+                        let key = &backend.key;
+                        tracing::info!(target: "tether::health", pool = %key.pool, backend = %key.name, addr = %key.addr, reason = "health checks removed", "backend up");
+                    }
                     backend.health.checker.store(false, Ordering::Relaxed);
                     return;
                 }
@@ -271,6 +288,11 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
         let result = probe(&backend, &check).await;
         let ok = result.is_ok();
         backend.record_check(ok);
+        // Checks or the timer bring an ejected backend back.
+        if ok && backend.health.end_ejection("ejection ended: active check passed") {
+            let key = &backend.key;
+            tracing::info!(target: "tether::health", pool = %key.pool, backend = %key.name, addr = %key.addr, reason = "active check passed", "backend back in rotation");
+        }
         let reason = result.err().unwrap_or_else(|| "check passed".to_string());
         let flipped = match &mut threshold {
             None => {
@@ -283,6 +305,10 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
             && backend.health.set_active(up, &reason)
         {
             let key = &backend.key;
+            if let Some(rt) = runtime.upgrade() {
+                let text = format!("backend {}: {reason}", if up { "up" } else { "down" });
+                rt.push_event("health", Some(&key.pool), Some(&key.name), text);
+            }
             if up {
                 tracing::info!(target: "tether::health", pool = %key.pool, backend = %key.name, addr = %key.addr, reason, "backend up");
             } else {
@@ -344,4 +370,156 @@ async fn probe_inner(backend: &BackendLive, check: &HealthCheck) -> Result<(), S
     let resp = result.map_err(|e| format!("request failed: {e}"))?;
     let status = resp.status().as_u16();
     if check.expect.contains(status) { Ok(()) } else { Err(format!("status {status}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passive(enabled: bool, consecutive_failures: u32, base_ms: u64, max_ms: u64) -> Passive {
+        Passive {
+            enabled,
+            consecutive_failures,
+            ejection_time: Duration::from_millis(base_ms),
+            max_ejection_time: Duration::from_millis(max_ms),
+        }
+    }
+
+    /// Polls (bounded) until the ejection in force has run out and a
+    /// caller of `is_up` has let the backend back in.
+    fn until_back(h: &Health) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.is_up() {
+            assert!(Instant::now() < deadline, "ejection never ended: {:?}", h.note());
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn threshold_flips_only_after_fall_failures_in_a_row() {
+        let mut t = Threshold::new(true);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), None, "a success resets the failure streak");
+        assert!(t.up);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), Some(false), "the third failure in a row");
+        assert!(!t.up);
+        assert_eq!(t.record(false, 2, 3), None, "no flip while it stays down");
+    }
+
+    #[test]
+    fn threshold_rises_only_after_rise_successes_in_a_row() {
+        let mut t = Threshold::new(false);
+        assert_eq!(t.record(true, 2, 3), None, "one flap does not flip");
+        assert_eq!(t.record(false, 2, 3), None, "a failure resets the success streak");
+        assert_eq!(t.record(true, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), Some(true));
+        assert!(t.up);
+        // rise/fall of 0 behave as 1.
+        let mut t = Threshold::new(true);
+        assert_eq!(t.record(false, 0, 0), Some(false));
+        assert_eq!(t.record(true, 0, 0), Some(true));
+    }
+
+    #[test]
+    fn ejection_duration_doubles_and_is_capped() {
+        let (base, max) = (Duration::from_secs(10), Duration::from_secs(300));
+        let got: Vec<u64> = (1..=8).map(|n| ejection_duration(base, max, n).as_secs()).collect();
+        assert_eq!(got, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(ejection_duration(base, max, 0), base, "n = 0 is treated as the first");
+        assert_eq!(ejection_duration(base, max, u32::MAX), max, "no overflow");
+        assert_eq!(ejection_duration(base, Duration::from_secs(1), 3), base, "a cap below the base is the base");
+    }
+
+    #[test]
+    fn record_failure_ejects_after_n_in_a_row_and_not_before() {
+        let h = Health::default();
+        let p = passive(true, 3, 60_000, 600_000);
+        assert_eq!(h.record_failure(&p, "status 503"), None);
+        assert_eq!(h.record_failure(&p, "status 503"), None);
+        assert!(h.is_up() && !h.is_ejected(), "two failures of three do not eject");
+        assert_eq!(h.record_failure(&p, "status 503"), Some(Duration::from_secs(60)));
+        assert!(h.is_ejected());
+        assert!(!h.is_up());
+        assert!(h.active_up(), "passive ejection leaves the active verdict alone");
+        assert!(h.note().reason.contains("after 3 failures in a row: status 503"), "{:?}", h.note());
+        assert_eq!(h.record_failure(&p, "status 503"), None, "already ejected: no second ejection");
+    }
+
+    #[test]
+    fn record_success_resets_the_failure_streak() {
+        let h = Health::default();
+        let p = passive(true, 3, 60_000, 600_000);
+        for _ in 0..5 {
+            assert_eq!(h.record_failure(&p, "reset"), None);
+            assert_eq!(h.record_failure(&p, "reset"), None);
+            h.record_success();
+        }
+        assert!(!h.is_ejected(), "never three in a row");
+        assert_eq!(h.record_failure(&p, "reset"), None);
+        assert_eq!(h.record_failure(&p, "reset"), None);
+        assert!(h.record_failure(&p, "reset").is_some());
+    }
+
+    #[test]
+    fn disabled_passive_detection_never_ejects() {
+        let h = Health::default();
+        let p = passive(false, 1, 60_000, 600_000);
+        for _ in 0..100 {
+            assert_eq!(h.record_failure(&p, "connect refused"), None);
+        }
+        assert!(h.is_up() && !h.is_ejected());
+    }
+
+    #[test]
+    fn repeated_ejections_double_and_the_end_of_one_lets_the_backend_back_in() {
+        let h = Health::default();
+        let p = passive(true, 1, 1, 60_000);
+        let epoch = h.up_epoch();
+        for (i, expected_ms) in [1, 2, 4].into_iter().enumerate() {
+            assert_eq!(h.record_failure(&p, "timeout"), Some(Duration::from_millis(expected_ms)), "ejection {}", i + 1);
+            until_back(&h);
+            assert_eq!(h.note().reason, "ejection ended");
+        }
+        assert_eq!(h.up_epoch(), epoch + 3, "each return is a new up-epoch");
+    }
+
+    #[test]
+    fn a_passing_check_ends_an_ejection_at_once() {
+        let h = Health::default();
+        let p = passive(true, 1, 3_600_000, 3_600_000);
+        assert!(h.record_failure(&p, "status 502").is_some());
+        assert!(!h.is_up());
+        assert!(h.end_ejection("ejection ended: active check passed"));
+        assert!(h.is_up() && !h.is_ejected());
+        assert!(!h.end_ejection("again"), "nothing left to end");
+    }
+
+    #[test]
+    fn ramp_is_full_without_slow_start_and_partial_just_after_coming_back() {
+        let h = Health::default();
+        let window = Some(Duration::from_secs(3600));
+        assert_eq!(h.ramp(None), 1.0);
+        assert_eq!(h.ramp(window), 1.0, "never down: no ramp");
+        assert!(h.set_active(false, "status 503"));
+        assert!(h.set_active(true, "check passed"));
+        let share = h.ramp(window);
+        assert!(share > 0.0 && share < 1.0, "ramping: {share}");
+        assert_eq!(h.ramp(None), 1.0, "no slow start: full share at once");
+        assert!(!h.set_active(true, "check passed"), "no change, no new ramp");
+    }
+
+    #[test]
+    fn set_active_reports_changes_and_keeps_the_reason() {
+        let h = Health::default();
+        assert!(!h.set_active(true, "check passed"), "already up");
+        assert!(h.set_active(false, "connect refused"));
+        assert!(!h.is_up());
+        assert_eq!(h.note().reason, "connect refused");
+        let epoch = h.up_epoch();
+        assert!(h.set_active(true, "check passed"));
+        assert_eq!(h.up_epoch(), epoch + 1);
+    }
 }

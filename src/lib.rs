@@ -116,6 +116,9 @@ impl Runtime {
     /// Makes `snap` current. Requests in flight keep the snapshot they
     /// loaded; new requests use this one.
     pub fn install(self: &Arc<Self>, snap: Snapshot) {
+        for b in snap.pools.iter().flat_map(|p| &p.backends) {
+            b.live.forget_override_if_config_changed(b.configured_state);
+        }
         self.snapshot.store(Arc::new(snap));
         if tokio::runtime::Handle::try_current().is_ok() {
             health::reconcile(self);

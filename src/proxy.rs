@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::Runtime;
+use crate::config::OnUnavailable;
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
 use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
@@ -228,6 +229,15 @@ async fn proxy(
             }
         };
         tried.push(sel.backend);
+        // `on_unavailable = "fail"`: a client pinned here is never moved
+        // silently, however the failure showed itself.
+        if pool.on_unavailable == OnUnavailable::Fail && pinned_here(pool, &sel) {
+            if matches!(failure, ProxyError::Connect(_)) {
+                pool.live.refused_pinned.fetch_add(1, Ordering::Relaxed);
+                break Err(ProxyError::PinnedUnavailable);
+            }
+            break Err(failure);
+        }
         match failover(pool, &sel, &tried) {
             Some(next) if tried.len() <= pool.retries => {
                 sel = next;
@@ -304,6 +314,17 @@ fn account(pool: &Pool, sel: &Selection) {
         new_backend = %backend.name,
         "session lost: pinned backend unavailable, client reassigned"
     );
+}
+
+/// Whether the request follows its client's affinity to this backend (a
+/// kept cookie, or a hash key at its owner), rather than a placement that
+/// may change freely (a new client, or bounded load).
+fn pinned_here(pool: &Pool, sel: &Selection) -> bool {
+    match (&pool.affinity, sel.outcome) {
+        (_, Outcome::Kept) => true,
+        (AffinityRule::Hash(rule), Outcome::Hashed) => rule.table.owner(sel.holder) == Some(sel.backend),
+        _ => false,
+    }
 }
 
 /// The next backend after `tried` failed. A client that had affinity to a
