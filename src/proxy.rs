@@ -246,7 +246,7 @@ async fn proxy(
             _ => break Err(failure),
         }
     };
-    account(pool, &sel);
+    account(pool, &sel, result.is_ok());
     let status = match &result {
         Ok(resp) => resp.status(),
         Err(e) => e.status(),
@@ -280,8 +280,13 @@ fn passive_failure(runtime: &Runtime, pool: &Pool, backend: &Backend, reason: &s
 
 /// Records where the request finally went: outcome counters, holders seen,
 /// and a lost session when a pinned client was moved.
-fn account(pool: &Pool, sel: &Selection) {
+fn account(pool: &Pool, sel: &Selection, served: bool) {
     pool.live.outcomes[sel.outcome.index()].fetch_add(1, Ordering::Relaxed);
+    // No backend answered: the client got an error, no new cookie, and is
+    // still pinned where it was. Nothing was held or lost here.
+    if !served {
+        return;
+    }
     let backend = &pool.backends[sel.backend];
     if !matches!(pool.affinity, AffinityRule::None) {
         backend.live.holders.insert(sel.holder);

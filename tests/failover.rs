@@ -108,6 +108,21 @@ fn pinned_browser(lb: &Tether, pool: &str, backend: &str) -> reqwest::Client {
     reqwest::Client::builder().cookie_provider(jar).no_proxy().build().unwrap()
 }
 
+/// A loopback address that refuses connections while this lives: a socket
+/// bound but never listening. Holding the port keeps concurrently running
+/// tests from binding it (a freed port, as `support::refused_addr` gives,
+/// can be taken by another test's listener before the request is sent).
+struct Refusing {
+    addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+fn refusing() -> Refusing {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    Refusing { addr: socket.local_addr().unwrap(), _socket: socket }
+}
+
 /// `Cookie: tether=<value pinning to backend>`.
 fn pin(lb: &Tether, pool: &str, backend: &str) -> String {
     format!("tether={}", lb.cookie_value(pool, backend))
@@ -531,9 +546,9 @@ async fn a_post_whose_backend_hangs_up_after_reading_it_is_never_sent_twice_but_
 
 #[tokio::test]
 async fn a_post_whose_backend_refuses_the_connection_fails_over_with_its_body_intact() {
-    let dead = refused_addr();
+    let dead = refusing();
     let bulk = Backend::bulk("bulk").await;
-    let backends = [("dead", dead, ""), ("bulk", bulk.addr(), "")];
+    let backends = [("dead", dead.addr, ""), ("bulk", bulk.addr(), "")];
     let lb = Tether::start(&lb_config("app", &cookie_pool("app", "", &passive_off("app"), &backends))).await;
     let c = client_without_cookies();
     let pinned = pin(&lb, "app", "dead");
@@ -558,9 +573,9 @@ async fn a_post_whose_backend_refuses_the_connection_fails_over_with_its_body_in
 #[tokio::test]
 async fn a_connect_failure_is_retried_on_at_most_retries_other_backends() {
     for (setting, attempts) in [("retries = 0", 1), ("retries = 1", 2), ("", 3), ("retries = 3", 4)] {
-        let dead: Vec<SocketAddr> = (0..5).map(|_| refused_addr()).collect();
+        let dead: Vec<Refusing> = (0..5).map(|_| refusing()).collect();
         let names = ["d1", "d2", "d3", "d4", "d5"];
-        let backends: Vec<(&str, SocketAddr, &str)> = names.iter().zip(&dead).map(|(n, a)| (*n, *a, "")).collect();
+        let backends: Vec<(&str, SocketAddr, &str)> = names.iter().zip(&dead).map(|(n, d)| (*n, d.addr, "")).collect();
         let top = format!("affinity = \"none\"\n{setting}");
         let lb = Tether::start(&lb_config("app", &pool_toml("app", &top, &passive_off("app"), &backends))).await;
         let r = fetch(client_without_cookies().get(lb.url("/"))).await;
@@ -602,6 +617,9 @@ async fn rise_and_fall_counts_are_respected_and_state_changes_are_logged_with_th
         lb.apply(&toml).unwrap();
     }
     let epoch = l.health.up_epoch();
+    // Another test may have registered the log callsites concurrently with
+    // this test's subscriber and cached them as uninteresting.
+    tracing::callsite::rebuild_interest_cache();
     gate.answer(503).await;
     assert!(!up(), "three failures in a row mark it down");
     assert!(!l.is_up());
@@ -615,6 +633,7 @@ async fn rise_and_fall_counts_are_respected_and_state_changes_are_logged_with_th
     gate.answer(503).await;
     gate.answer(200).await;
     assert!(!up(), "the failure in between reset the streak");
+    tracing::callsite::rebuild_interest_cache();
     gate.answer(200).await;
     assert!(up(), "two successes in a row bring it back");
     assert_eq!(l.health.up_epoch(), epoch + 1);
@@ -623,6 +642,14 @@ async fn rise_and_fall_counts_are_respected_and_state_changes_are_logged_with_th
     let r = fetch(client_without_cookies().get(lb.url("/"))).await;
     assert_eq!((r.status.as_u16(), r.backend()), (200, "b"));
 
+    let events: Vec<String> = lb
+        .runtime()
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "health" && e.backend.as_deref() == Some("b"))
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(events, ["backend down: status 503", "backend up: check passed"], "recorded with their reason");
     let down = logs.lines("backend down");
     assert_eq!(down.len(), 1, "{down:?}");
     assert!(down[0].contains("status 503") && down[0].contains("backend=b") && down[0].contains("WARN"), "{down:?}");
@@ -765,9 +792,9 @@ async fn consecutive_503s_eject_a_backend_until_the_timer_ends_it_and_a_repeat_e
 
 #[tokio::test]
 async fn connect_failures_eject_a_backend_and_its_pinned_clients_then_skip_it() {
-    let dead = refused_addr();
+    let dead = refusing();
     let good = Backend::echo("good").await;
-    let backends = [("dead", dead, ""), ("good", good.addr(), "")];
+    let backends = [("dead", dead.addr, ""), ("good", good.addr(), "")];
     let passive = "[pools.app.passive]\nconsecutive_failures = 2\nejection_time = \"1h\"\n";
     let lb = Tether::start(&lb_config("app", &cookie_pool("app", "", passive, &backends))).await;
     let l = live(&lb, "app", "dead");
@@ -802,11 +829,24 @@ async fn a_passing_active_check_ends_a_passive_ejection() {
     for _ in 0..2 {
         assert_eq!(fetch(c.get(lb.url("/"))).await.status, 503);
     }
-    // The check that ends it may come at once: look at the note, not the flag.
-    assert!(l.health.note().reason.starts_with("ejected for 3600s") || l.is_up(), "{:?}", l.health.note());
+    // The check that ends it may come at once, so the ejection is proven by
+    // its event rather than by the flag.
+    let ejections: Vec<String> =
+        lb.runtime().events().into_iter().filter(|e| e.kind == "ejection").map(|e| e.text).collect();
+    assert_eq!(ejections, ["ejected for 3600s: status 503"]);
     wait_for("a passing check to end the ejection", || ready(l.is_up() && !l.health.is_ejected())).await;
+    assert_eq!(l.health.note().reason, "ejection ended: active check passed");
     let r = fetch(c.get(lb.url("/"))).await;
     assert_eq!(r.backend(), "flaky", "in rotation again long before the 1h timer");
+}
+
+#[test]
+fn ejection_time_doubles_on_each_repeat_up_to_the_cap() {
+    let (base, max) = (Duration::from_millis(200), Duration::from_secs(2));
+    let got: Vec<Duration> = (1..=6).map(|n| tether::health::ejection_duration(base, max, n)).collect();
+    let ms = |v: u64| Duration::from_millis(v);
+    assert_eq!(got, [ms(200), ms(400), ms(800), ms(1600), ms(2000), ms(2000)]);
+    assert_eq!(tether::health::ejection_duration(base, max, 1000), max, "capped, no overflow");
 }
 
 // ---------------------------------------------------------------------------
@@ -982,10 +1022,10 @@ async fn with_on_unavailable_fail_a_pinned_client_of_a_down_disabled_or_removed_
 #[tokio::test]
 async fn with_on_unavailable_fail_a_connect_failure_does_not_move_a_pinned_client() {
     // No active checks: the only sign of trouble is the refused connection.
-    let dead = refused_addr();
+    let dead = refusing();
     let a = Backend::demo("a").await;
     let top = "on_unavailable = \"fail\"";
-    let backends = [("dead", dead, ""), ("a", a.addr(), "")];
+    let backends = [("dead", dead.addr, ""), ("a", a.addr(), "")];
     let lb = Tether::start(&lb_config("app", &cookie_pool("app", top, &passive_off("app"), &backends))).await;
     let c = client_without_cookies();
     let r = fetch(c.get(lb.url("/")).header(COOKIE, pin(&lb, "app", "dead"))).await;
@@ -1015,13 +1055,15 @@ async fn with_on_unavailable_fail_a_get_whose_pinned_backend_hangs_up_is_not_rep
 
 #[tokio::test]
 async fn with_on_unavailable_fail_a_hash_key_whose_owner_refuses_connections_gets_503() {
-    let dead = refused_addr();
+    let dead = refusing();
     let a = Backend::echo("a").await;
     let top = "affinity = \"hash\"\non_unavailable = \"fail\"";
     let tables = format!("[pools.api.hash]\nkey = \"header:x-user-id\"\n\n{}", passive_off("api"));
-    let lb =
-        Tether::start(&lb_config("api", &pool_toml("api", top, &tables, &[("dead", dead, ""), ("a", a.addr(), "")])))
-            .await;
+    let lb = Tether::start(&lb_config(
+        "api",
+        &pool_toml("api", top, &tables, &[("dead", dead.addr, ""), ("a", a.addr(), "")]),
+    ))
+    .await;
     let snap = lb.runtime().snapshot();
     let owner = |key: &str| {
         let tether::snapshot::AffinityRule::Hash(rule) = &snap.pools[0].affinity else { panic!("a hash pool") };
@@ -1283,4 +1325,27 @@ async fn hash_keys_are_counted_lost_once_per_outage_even_when_they_share_a_slot(
         }
     }
     assert_eq!(n(&l.sessions_lost), 2, "two keys lost their backend, however often they came back");
+}
+
+#[tokio::test]
+async fn a_pinned_client_whose_failover_also_fails_keeps_its_pin_and_is_not_counted_as_lost() {
+    let (d1, d2) = (refusing(), refusing());
+    let backends = [("d1", d1.addr, ""), ("d2", d2.addr, "")];
+    let lb = Tether::start(&lb_config("app", &cookie_pool("app", "", &passive_off("app"), &backends))).await;
+    let c = client_without_cookies();
+    for _ in 0..3 {
+        let r = fetch(c.get(lb.url("/")).header(COOKIE, pin(&lb, "app", "d1"))).await;
+        assert_eq!(r.status, 502);
+        assert!(r.set_cookie("tether").is_none(), "not re-pinned: nothing served it");
+    }
+    assert_eq!(n(&live(&lb, "app", "d2").requests), 3, "each request did fail over to d2");
+    assert_eq!(n(&live(&lb, "app", "d1").sessions_lost), 0, "the client was never moved");
+    // Once another backend does answer, the move is real and counted once.
+    let ok = Backend::echo("ok").await;
+    let backends = [("d1", d1.addr, ""), ("d2", d2.addr, ""), ("ok", ok.addr(), "")];
+    lb.apply(&lb_config("app", &cookie_pool("app", "retries = 2", &passive_off("app"), &backends))).unwrap();
+    let r = fetch(c.get(lb.url("/")).header(COOKIE, pin(&lb, "app", "d1"))).await;
+    assert_eq!((r.status.as_u16(), r.backend()), (200, "ok"));
+    assert_eq!(r.cookie("tether"), Some(&*lb.cookie_value("app", "ok")));
+    assert_eq!(n(&live(&lb, "app", "d1").sessions_lost), 1);
 }
