@@ -52,6 +52,9 @@ use tether::server::Server;
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 /// How long [`wait_for`] waits before failing the test.
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A guard on every client request, so that a regression fails a test
+/// instead of hanging it; never a claim about speed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------
 // Backends
@@ -590,13 +593,18 @@ impl Tether {
 
 /// A client with its own cookie jar: one browser.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().cookie_store(true).no_proxy().build().unwrap_or_else(|e| panic!("client: {e}"))
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// A client that keeps no cookies: every request is a new visitor unless it
 /// sends a `Cookie` header itself.
 pub fn client_without_cookies() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap_or_else(|e| panic!("client: {e}"))
+    reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT).build().unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// An HTTP/2 cleartext client (prior knowledge) with its own cookie jar.
@@ -605,6 +613,7 @@ pub fn h2c_client() -> reqwest::Client {
         .cookie_store(true)
         .no_proxy()
         .http2_prior_knowledge()
+        .timeout(REQUEST_TIMEOUT)
         .build()
         .unwrap_or_else(|e| panic!("client: {e}"))
 }
