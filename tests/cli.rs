@@ -4,13 +4,10 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 
 /// A config file under the temp dir with a name no other test uses; removed on drop.
 struct TempConfig(PathBuf);
@@ -93,50 +90,19 @@ async fn serve_proxies_until_sigterm_and_then_exits_0() {
     let cfg =
         config().raw("[timeouts]\nshutdown = \"5s\"\n").listener(Some("app")).cookie_pool("app", &[&backend]).build();
     let file = TempConfig::new(&cfg);
-    let mut child = tokio::process::Command::new(TETHER)
-        .args(["serve", "--config", file.path()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-
+    let mut tether = Binary::spawn(&["serve", "--config", file.path()]);
     // Ready when it logs its bound address (port 0 in the config).
-    let addr = tokio::time::timeout(WAIT_TIMEOUT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("listening") {
-                let addr =
-                    line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("addr= in the log line");
-                return addr.parse::<std::net::SocketAddr>().unwrap();
-            }
-        }
-        panic!("tether exited before listening");
-    })
-    .await
-    .expect("tether logs `listening`");
+    let [addr] = tether.listening(&["web"]).await[..] else { unreachable!() };
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
-    let rest = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
+    let rest = tether.rest_of_log();
 
     let r = fetch(client().get(format!("http://{addr}/"))).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.backend(), "app1");
     assert!(r.set_cookie("tether").is_some());
 
-    let pid = child.id().unwrap();
-    let kill = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(WAIT_TIMEOUT, child.wait()).await.expect("tether exits after SIGTERM").unwrap();
-    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    tether.signal("TERM");
+    assert_eq!(tether.exit_code().await, Some(0), "exit after SIGTERM");
     let log = rest.await.unwrap();
     assert!(log.contains("shutting down"), "{log}");
 }

@@ -292,35 +292,6 @@ impl Gate {
     }
 }
 
-/// Captures tracing output of the current thread (tasks of a
-/// current-thread runtime included) while the guard lives.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let logs = self.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_ansi(false).with_writer(move || logs.clone()).with_target(true).finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn lines(&self, containing: &str) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines().filter(|l| l.contains(containing)).map(str::to_string).collect()
-    }
-}
-
 // ---------------------------------------------------------------------------
 // 1. A backend dies under steady traffic
 // ---------------------------------------------------------------------------

@@ -8,18 +8,15 @@ mod support;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use reqwest::header::COOKIE;
 use support::*;
 use tether::balance::hash::hash_key;
 use tether::reload::Outcome;
 use tether::snapshot::{AffinityRule, Snapshot};
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -134,45 +131,6 @@ fn actual_moved_fraction(old: &str, new: &str, pool: &str, keys: usize) -> f64 {
         })
         .count();
     moved as f64 / keys as f64
-}
-
-/// Log lines written on this thread while the guard lives (with a
-/// current-thread runtime: everything tether's tasks log too).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(self.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -396,46 +354,9 @@ async fn sighup_reloads_the_running_binary_and_sigterm_then_exits_0() {
     let head = "[admin]\nlisten = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown = \"5s\"\n";
     let dir = TempDir::new();
     let path = dir.config(&config().raw(head).listener(Some("app")).cookie_pool("app", &[&a]).build());
-    let mut child = tokio::process::Command::new(TETHER)
-        .args(["serve", "--config", path.to_str().unwrap(), "--no-watch"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // The bound ports, from the `listening listener=NAME addr=ADDR` log lines.
-    let (web, admin) = tokio::time::timeout(WAIT_TIMEOUT, async {
-        let (mut web, mut admin) = (None, None);
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if !line.contains("listening") {
-                continue;
-            }
-            let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-            let addr: Option<SocketAddr> = field("addr=").and_then(|a| a.parse().ok());
-            match field("listener=").as_deref() {
-                Some("web") => web = addr,
-                Some("admin") => admin = addr,
-                _ => {}
-            }
-            if let (Some(w), Some(a)) = (web, admin) {
-                return (w, a);
-            }
-        }
-        panic!("tether exited before listening");
-    })
-    .await
-    .expect("tether logs `listening` for web and admin");
-    let rest = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
+    let mut tether = Binary::spawn(&["serve", "--config", path.to_str().unwrap(), "--no-watch"]);
+    let [web, admin] = tether.listening(&["web", "admin"]).await[..] else { unreachable!() };
+    let rest = tether.rest_of_log();
     // The reloader (and with it the SIGHUP handler) runs once the status shows the config path.
     wait_for("the reloader to start", || async move { admin_status(admin).await["config"]["path"].is_string() }).await;
     assert_eq!(admin_status(admin).await["config"]["version"], 1);
@@ -443,8 +364,7 @@ async fn sighup_reloads_the_running_binary_and_sigterm_then_exits_0() {
     assert_eq!(r.backend(), "a");
 
     std::fs::write(&path, config().raw(head).listener(Some("app")).cookie_pool("app", &[&b]).build()).unwrap();
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    tether.signal("HUP");
     wait_for("config version 2 in /status", || async move { admin_status(admin).await["config"]["version"] == 2 })
         .await;
     let status = admin_status(admin).await;
@@ -454,9 +374,8 @@ async fn sighup_reloads_the_running_binary_and_sigterm_then_exits_0() {
     assert_eq!(r.status, 200);
     assert_eq!(r.backend(), "b", "the reloaded config serves");
 
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let exit = tokio::time::timeout(WAIT_TIMEOUT, child.wait()).await.expect("tether exits after SIGTERM").unwrap();
-    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+    tether.signal("TERM");
+    assert_eq!(tether.exit_code().await, Some(0), "exit after SIGTERM");
     let log = rest.await.unwrap();
     assert!(log.contains("SIGHUP"), "{log}");
 }

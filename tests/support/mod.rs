@@ -871,3 +871,130 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         })
         .map(|s| s.value)
 }
+
+// === logs and the real binary ===
+
+/// Log lines written on this thread while the guard of [`Logs::capture`]
+/// lives (with a current-thread runtime: everything tether's tasks log too),
+/// down to debug level.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_target(true)
+            .with_writer(self.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The captured lines that contain `needle`.
+    pub fn lines(&self, needle: &str) -> Vec<String> {
+        self.text().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+/// The real `tether` binary.
+pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+
+/// The real binary, running; its stderr is read line by line.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    lines: Option<tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>>,
+}
+
+impl Binary {
+    /// Starts `tether ARGS` with `RUST_LOG=info`.
+    pub fn spawn(args: &[&str]) -> Binary {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(TETHER)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        Binary { child, lines: Some(lines) }
+    }
+
+    /// Waits for the `listening listener=NAME addr=ADDR` log line of each
+    /// of `names` and returns their bound addresses, in that order.
+    pub async fn listening(&mut self, names: &[&str]) -> Vec<SocketAddr> {
+        let lines = self.lines.as_mut().expect("the log is still being read");
+        let mut found: Vec<Option<SocketAddr>> = vec![None; names.len()];
+        tokio::time::timeout(WAIT_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if !line.contains("listening") {
+                    continue;
+                }
+                let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
+                let addr: Option<SocketAddr> = field("addr=").and_then(|a| a.parse().ok());
+                if let Some(i) = field("listener=").and_then(|n| names.iter().position(|w| *w == n)) {
+                    found[i] = addr;
+                }
+                if found.iter().all(Option::is_some) {
+                    return;
+                }
+            }
+            panic!("tether exited before listening");
+        })
+        .await
+        .expect("tether logs `listening` for every listener");
+        found.into_iter().flatten().collect()
+    }
+
+    /// Collects the rest of the log in the background, until tether exits.
+    pub fn rest_of_log(&mut self) -> tokio::task::JoinHandle<String> {
+        let mut lines = self.lines.take().expect("the log is read once");
+        tokio::spawn(async move {
+            let mut rest = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                rest.push_str(&line);
+                rest.push('\n');
+            }
+            rest
+        })
+    }
+
+    /// Sends a signal (`"TERM"`, `"HUP"`) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap();
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
+    /// Waits for tether to exit and returns its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        let status = tokio::time::timeout(WAIT_TIMEOUT, self.child.wait()).await.expect("tether exits").unwrap();
+        status.code()
+    }
+}
