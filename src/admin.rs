@@ -257,7 +257,7 @@ fn status(rt: &Runtime) -> Status {
                         addr: b.addr.to_string(),
                         weight: b.weight,
                         state: b.state().as_str(),
-                        state_overridden: b.live.has_override(b.configured_state),
+                        state_overridden: b.live.has_override(),
                         health: HealthStatus {
                             up: b.live.is_up(),
                             checks: p.health.is_some(),

@@ -252,8 +252,7 @@ pub fn reconcile(runtime: &Arc<Runtime>) {
             if backend.live.health.checker.swap(true, Ordering::Relaxed) {
                 continue;
             }
-            let first_interval = check.interval;
-            tokio::spawn(run_checker(Arc::downgrade(runtime), Arc::downgrade(&backend.live), first_interval));
+            tokio::spawn(run_checker(Arc::downgrade(runtime), Arc::downgrade(&backend.live), check.interval));
         }
     }
 }

@@ -118,17 +118,11 @@ impl BackendLive {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The state in force: a runtime override, unless the configuration
-    /// changed this backend's state since the override was set.
+    /// The state in force: a runtime override, else the configured one.
+    /// (A config that changes this backend's state drops the override when
+    /// it is installed: [`Self::forget_override_if_config_changed`].)
     pub fn state(&self, configured: BackendState) -> BackendState {
-        let o = self.state_override.load(Ordering::Relaxed);
-        if o == NO_OVERRIDE {
-            return configured;
-        }
-        if self.overridden_config_state.load(Ordering::Relaxed) != encode_state(configured) {
-            return configured;
-        }
-        decode_state(o).unwrap_or(configured)
+        decode_state(self.state_override.load(Ordering::Relaxed)).unwrap_or(configured)
     }
 
     /// Overrides the configured state at runtime (kept across reloads until
@@ -154,10 +148,9 @@ impl BackendLive {
         }
     }
 
-    /// Whether a runtime override is in force against `configured`.
-    pub fn has_override(&self, configured: BackendState) -> bool {
+    /// Whether a runtime override is in force.
+    pub fn has_override(&self) -> bool {
         self.state_override.load(Ordering::Relaxed) != NO_OVERRIDE
-            && self.overridden_config_state.load(Ordering::Relaxed) == encode_state(configured)
     }
 
     pub fn in_flight(&self) -> u64 {

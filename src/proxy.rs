@@ -184,7 +184,7 @@ async fn proxy(
             affinity: sel.outcome.as_str(),
         },
     );
-    let mut replay = Replay::prepare(&mut req, pool.retries).await;
+    let replay = Replay::prepare(&mut req, pool.retries).await;
 
     let mut tried: Vec<usize> = Vec::new();
     let result = loop {
@@ -212,15 +212,13 @@ async fn proxy(
                 passive_failure(runtime, pool, backend, &cause.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.name, %cause, "backend unreachable, nothing sent");
                 req = *request;
-                pool.live.retries_connect.fetch_add(1, Ordering::Relaxed);
                 ProxyError::Connect(cause)
             }
             Ok(Err(SendError::Failed(e))) => {
                 passive_failure(runtime, pool, backend, "connection failed");
-                let Some(again) = replay.as_mut().and_then(Replay::request) else { break Err(ProxyError::Upstream(e)) };
+                let Some(replay) = &replay else { break Err(ProxyError::Upstream(e)) };
                 tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
-                req = again;
-                pool.live.retries_failed.fetch_add(1, Ordering::Relaxed);
+                req = replay.request();
                 ProxyError::Upstream(e)
             }
             Err(_elapsed) => {
@@ -240,6 +238,12 @@ async fn proxy(
         }
         match failover(pool, &sel, &tried) {
             Some(next) if tried.len() <= pool.retries => {
+                // Counted only when a retry really goes out.
+                let counter = match failure {
+                    ProxyError::Connect(_) => &pool.live.retries_connect,
+                    _ => &pool.live.retries_failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 sel = next;
                 req.headers_mut().insert(TETHER_AFFINITY, HeaderValue::from_static(sel.outcome.as_str()));
             }
@@ -386,12 +390,12 @@ impl Replay {
         Some(Replay { method: req.method().clone(), uri: req.uri().clone(), headers: req.headers().clone(), body })
     }
 
-    fn request(&mut self) -> Option<Request<Body>> {
+    fn request(&self) -> Request<Body> {
         let mut req = Request::new(full_body(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
-        Some(req)
+        req
     }
 }
 
