@@ -37,16 +37,26 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers and those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+    // One pass over the (few) names present is cheaper than hashing every
+    // hop-by-hop name for a lookup: most messages carry none or one.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    // Names listed in `Connection` go too. Its values are moved out of the
+    // map (not copied) so the map can change while they are read; a second
+    // `Connection` line is rare, and only then does `rest` allocate.
+    let mut first = None;
+    let mut rest = Vec::new();
+    if let http::header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let (_, mut values) = entry.remove_entry_mult();
+        first = values.next();
+        rest.extend(values);
+    }
+    for value in first.iter().chain(&rest) {
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',') {
+            // A `&str` lookup needs no `HeaderName`, so no allocation.
+            headers.remove(name.trim());
         }
     }
     for name in &HOP_BY_HOP {
@@ -61,18 +71,20 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     if !present {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(n, _)| n.trim() != name))
-        .map(str::to_string)
-        .collect();
+    let mut kept = String::new();
+    for pair in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')) {
+        let pair = pair.trim();
+        if pair.is_empty() || pair.split_once('=').is_some_and(|(n, _)| n.trim() == name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     headers.remove(header::COOKIE);
     if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+        && let Ok(v) = HeaderValue::from_str(&kept)
     {
         headers.insert(header::COOKIE, v);
     }
@@ -109,17 +121,27 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         None => headers.remove(X_FORWARDED_HOST),
     };
     headers.insert(TETHER_AFFINITY, HeaderValue::from_static(up.affinity));
-    let origin_form = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    if let Ok(uri) = origin_form.parse::<Uri>() {
-        *req.uri_mut() = uri;
+    // HTTP/1.1 requests are origin-form already; HTTP/2 ones are absolute.
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let origin_form = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        if let Ok(uri) = origin_form.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
     }
     *req.version_mut() = Version::HTTP_11;
 }
 
 fn ip_header(ip: IpAddr) -> HeaderValue {
-    let ip = ip.to_canonical();
+    use std::io::Write;
+    // Formatted on the stack: the longest IPv6 text is 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let written = write!(cursor, "{}", ip.to_canonical()).map(|()| cursor.position() as usize);
     // An IP address is always a valid header value.
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    written
+        .ok()
+        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("unknown"))
 }
 
 /// Cleans a backend response and, when the client was just (re)assigned,
@@ -177,6 +199,9 @@ impl HttpBody for ProxyBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
+            // hyper stops polling a sized body after its last byte, without
+            // asking for the end: release as soon as the end is known.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
             // A broken body means a broken connection: never reuse it.
             Poll::Ready(Some(Err(_))) => self.conn = None,
             _ => {}

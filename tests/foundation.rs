@@ -621,3 +621,28 @@ async fn an_http2_request_reaches_the_backend_with_host_and_forwarding_headers()
     assert_eq!(r.echoed_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(r.header("x-echo-uri"), Some("/h2?x=1"));
 }
+
+// ---------------------------------------------------------------------------
+// Backend connection reuse
+// ---------------------------------------------------------------------------
+
+/// Idle connections to backend `index` of pool `pool`.
+fn idle_backend_connections(lb: &Tether, pool: usize, index: usize) -> usize {
+    lb.runtime().snapshot().pools[pool].backends[index].live.upstream.idle_count()
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_backend_connection() {
+    // Sized bodies end without a final empty frame: the connection must
+    // still go back to the pool once the body has been read.
+    let backend = Backend::echo("e1").await;
+    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).build()).await;
+    let client = client();
+    for i in 0..20 {
+        let r = fetch(client.get(lb.url(&format!("/n/{i}")))).await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.get("content-length").is_some(), "the echo body is sized: {r:?}");
+        wait_for("the backend connection back in the pool", || async { idle_backend_connections(&lb, 0, 0) == 1 })
+            .await;
+    }
+}
