@@ -37,9 +37,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers and those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names present is cheaper than hashing every
-    // hop-by-hop name for a lookup: most messages carry none or one.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the (few) names present finds which hop-by-hop names
+    // occur; only those are looked up again to be removed.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     // Names listed in `Connection` go too. Its values are moved out of the
@@ -59,8 +65,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name.trim());
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 

@@ -1,0 +1,190 @@
+//! The request path without I/O: what tether does to one request between
+//! reading its head and writing the backend's response head, in the order
+//! `proxy.rs` does it: route, select a backend, rewrite the request headers,
+//! then clean the response headers (and insert the affinity cookie).
+//!
+//! `cargo bench --bench request_path`; see benches/README.md.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::{HeaderValue, Request, Response};
+use tether::forward::{self, Upstream};
+use tether::live::Registry;
+use tether::routing::request_host;
+use tether::select::{RequestKey, select};
+use tether::snapshot::{AffinityRule, Snapshot, compile};
+
+const CONFIG: &str = r#"
+[listeners.web]
+listen = "127.0.0.1:0"
+default_pool = "app"
+
+[[routes]]
+host = "api.example.com"
+pool = "api"
+
+[pools.app]
+affinity = "cookie"
+balance = "round_robin"
+[pools.app.cookie]
+name = "tether"
+secret = "bench-secret-0123456789abcdef-0123"
+[[pools.app.backends]]
+name = "b1"
+addr = "127.0.0.1:19001"
+[[pools.app.backends]]
+name = "b2"
+addr = "127.0.0.1:19002"
+[[pools.app.backends]]
+name = "b3"
+addr = "127.0.0.1:19003"
+
+[pools.api]
+affinity = "hash"
+balance = "least_conn"
+[pools.api.hash]
+key = "header:X-User-Id"
+[[pools.api.backends]]
+name = "a1"
+addr = "127.0.0.1:19011"
+[[pools.api.backends]]
+name = "a2"
+addr = "127.0.0.1:19012"
+"#;
+
+fn snapshot() -> Snapshot {
+    let cfg = match tether::config::parse("bench.toml", CONFIG, None) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("bench config does not parse: {e:?}"),
+    };
+    match compile(&cfg, &Registry::default(), 1) {
+        Ok(s) => s,
+        Err(e) => panic!("bench config does not compile: {e}"),
+    }
+}
+
+/// A browser-like request head, as hyper hands it over.
+fn browser_request(cookie: Option<&str>) -> Request<()> {
+    let mut b = Request::builder()
+        .uri("/cart?item=42")
+        .header("host", "shop.example.com")
+        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36")
+        .header("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8")
+        .header("accept-encoding", "gzip, deflate, br")
+        .header("accept-language", "en-US,en;q=0.9")
+        .header("connection", "keep-alive");
+    if let Some(c) = cookie {
+        b = b.header("cookie", c);
+    }
+    match b.body(()) {
+        Ok(r) => r,
+        Err(e) => panic!("request: {e}"),
+    }
+}
+
+/// A typical small backend response head.
+fn backend_response() -> Response<()> {
+    match Response::builder()
+        .header("server", "nginx")
+        .header("date", "Tue, 25 Nov 2026 10:00:00 GMT")
+        .header("content-type", "text/html; charset=utf-8")
+        .header("content-length", "10")
+        .header("connection", "keep-alive")
+        .body(())
+    {
+        Ok(r) => r,
+        Err(e) => panic!("response: {e}"),
+    }
+}
+
+/// Route + select + rewrite one request and its response, as proxy.rs does.
+fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, peer: IpAddr) -> usize {
+    let Some(pool_idx) = snap
+        .router
+        .route(request_host(&req), req.uri().path())
+        .or_else(|| snap.listener("web").and_then(|l| l.default_pool))
+    else {
+        return usize::MAX;
+    };
+    let pool = &snap.pools[pool_idx];
+    let key = RequestKey { headers: req.headers(), uri: req.uri(), client_ip: peer };
+    let Ok(sel) = select(pool, &key) else { return usize::MAX };
+    let affinity_cookie = match &pool.affinity {
+        AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
+        _ => None,
+    };
+    forward::upstream_request(
+        &mut req,
+        &Upstream { client_ip: peer, https: false, affinity_cookie, affinity: sel.outcome.as_str() },
+    );
+    let backend = &pool.backends[sel.backend];
+    let cookie = if sel.set_cookie { backend.set_cookie.as_ref() } else { None };
+    forward::downstream_response(&mut resp, cookie);
+    black_box((&req, &resp));
+    sel.backend
+}
+
+fn request_path(c: &mut Criterion) {
+    let snap = snapshot();
+    let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    let app = &snap.pools[snap.pool_index("app").unwrap_or_default()];
+    let cookie = format!("theme=dark; tether={}; lang=en", app.backends[1].cookie_value);
+    let only_ours = format!("tether={}", app.backends[1].cookie_value);
+
+    // Sanity: the benched path does what proxy.rs does.
+    assert_eq!(one_request(&snap, browser_request(Some(&cookie)), backend_response(), peer), 1);
+
+    let mut group = c.benchmark_group("request_path");
+    group.bench_function("returning_client_cookie_among_others", |b| {
+        b.iter_batched(
+            || (browser_request(Some(&cookie)), backend_response()),
+            |(req, resp)| one_request(&snap, req, resp, peer),
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("returning_client_only_our_cookie", |b| {
+        b.iter_batched(
+            || (browser_request(Some(&only_ours)), backend_response()),
+            |(req, resp)| one_request(&snap, req, resp, peer),
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("new_client_gets_cookie", |b| {
+        b.iter_batched(
+            || (browser_request(None), backend_response()),
+            |(req, resp)| one_request(&snap, req, resp, peer),
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("hash_pool_by_header", |b| {
+        b.iter_batched(
+            || {
+                let mut req = browser_request(None);
+                req.headers_mut().insert("host", HeaderValue::from_static("api.example.com"));
+                req.headers_mut().insert("x-user-id", HeaderValue::from_static("user-1234567890"));
+                (req, backend_response())
+            },
+            |(req, resp)| one_request(&snap, req, resp, peer),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = request_path
+}
+criterion_main!(benches);
