@@ -9,7 +9,9 @@
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
 //! - [`upstream`], [`forward`], [`proxy`]: the request path.
-//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
+//!   certificates and the rustls configuration; [`redirect`]: listeners that
+//!   send every request to HTTPS.
 //! - [`demo`]: the demo app server with in-memory sessions, and `tether demo`.
 //! - [`cli`]: what `main.rs` calls.
 //!
@@ -31,6 +33,7 @@ pub mod impact;
 pub mod live;
 pub mod metrics;
 pub mod proxy;
+pub mod redirect;
 pub mod reload;
 pub mod routing;
 pub mod scenario;
@@ -38,6 +41,7 @@ pub mod select;
 pub mod server;
 pub mod sketch;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
