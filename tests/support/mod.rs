@@ -18,7 +18,10 @@
 //! - [`config`]: a fluent TOML builder; [`Tether`]: a running balancer.
 //! - [`client`], [`client_without_cookies`], [`h2c_client`], [`fetch`]: reqwest.
 //! - [`wait_for`]: polls a condition (the only place a test sleeps).
+//! - [`tls`]: a test CA, certificate files, HTTPS clients.
 #![allow(dead_code)]
+
+pub mod tls;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
