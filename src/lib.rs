@@ -16,7 +16,8 @@
 //! - [`cli`]: what `main.rs` calls.
 //!
 //! # One request
-//! `server` accepts and serves the connection with hyper; `proxy::handle`
+//! `server` accepts, terminates TLS where configured (ALPN picks h2 or
+//! HTTP/1.1), and serves the connection with hyper; `proxy::handle`
 //! loads the snapshot once, routes, selects (cookie → hash → policy),
 //! rewrites headers, sends through the backend's pool (failing over when a
 //! connection cannot be made), and adds the affinity cookie to the response.

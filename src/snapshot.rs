@@ -63,6 +63,9 @@ pub struct ListenerSpec {
 pub struct TlsSpec {
     pub config: Arc<rustls::ServerConfig>,
     pub handshake_timeout: Duration,
+    /// Changes when any certificate, SNI name or setting changes (for
+    /// reload summaries: a rotation shows).
+    pub fingerprint: u64,
 }
 
 #[derive(Debug)]
@@ -276,7 +279,19 @@ fn compile_tls(listener: &str, t: &config::TlsSection) -> Result<Arc<TlsSpec>, S
         t.resolved.as_ref().ok_or_else(|| format!("listener `{listener}`: certificates were not loaded"))?;
     let config = crate::tls::server_config(certs, t.min_version.into())
         .map_err(|e| format!("listener `{listener}`: {e}"))?;
-    Ok(Arc::new(TlsSpec { config, handshake_timeout: t.handshake_timeout.get_ref().0 }))
+    let mut seen = Vec::new();
+    for (host, key) in std::iter::once(("", &certs.default)).chain(certs.sni.iter().map(|(h, k)| (h.as_str(), k))) {
+        seen.extend_from_slice(host.as_bytes());
+        for c in &key.cert {
+            seen.extend_from_slice(c.as_ref());
+        }
+    }
+    seen.extend_from_slice(format!("{:?} {:?}", t.min_version, t.handshake_timeout.get_ref()).as_bytes());
+    Ok(Arc::new(TlsSpec {
+        config,
+        handshake_timeout: t.handshake_timeout.get_ref().0,
+        fingerprint: xxhash_rust::xxh3::xxh3_64(&seen),
+    }))
 }
 
 fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Result<Pool, String> {

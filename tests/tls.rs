@@ -180,11 +180,14 @@ async fn a_rotated_certificate_is_served_to_new_connections_after_a_reload_on_th
     let old = https_client(&ca).resolve("site.test", addr).build().unwrap();
     let resp = old.get(lb.https_url("web", "site.test", "/")).send().await.unwrap();
     assert!(peer_cert(&resp) == first.der);
+    let unchanged = lb.reload().await;
+    assert!(unchanged.ok && !unchanged.summary.contains("certificates"), "{unchanged:?}");
 
     let second = ca.issue(&["site.test"]);
     dir.write("site", &second);
     let outcome = lb.reload().await;
     assert!(outcome.ok, "{outcome:?}");
+    assert!(outcome.summary.contains("listener web: certificates changed"), "{}", outcome.summary);
     assert_eq!(lb.addr(), addr, "the listener kept its socket");
 
     let new = https_client(&ca).resolve("site.test", addr).build().unwrap();
