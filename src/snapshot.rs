@@ -275,10 +275,9 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
 }
 
 fn compile_tls(listener: &str, t: &config::TlsSection) -> Result<Arc<TlsSpec>, String> {
-    let certs =
-        t.resolved.as_ref().ok_or_else(|| format!("listener `{listener}`: certificates were not loaded"))?;
-    let config = crate::tls::server_config(certs, t.min_version.into())
-        .map_err(|e| format!("listener `{listener}`: {e}"))?;
+    let certs = t.resolved.as_ref().ok_or_else(|| format!("listener `{listener}`: certificates were not loaded"))?;
+    let config =
+        crate::tls::server_config(certs, t.min_version.into()).map_err(|e| format!("listener `{listener}`: {e}"))?;
     let mut seen = Vec::new();
     for (host, key) in std::iter::once(("", &certs.default)).chain(certs.sni.iter().map(|(h, k)| (h.as_str(), k))) {
         seen.extend_from_slice(host.as_bytes());

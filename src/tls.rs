@@ -58,10 +58,8 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
         }
         e => key_err(format!("invalid PEM: {e}")),
     })?;
-    let signing = provider()
-        .key_provider
-        .load_private_key(private)
-        .map_err(|e| key_err(format!("unusable private key: {e}")))?;
+    let signing =
+        provider().key_provider.load_private_key(private).map_err(|e| key_err(format!("unusable private key: {e}")))?;
     let certified = CertifiedKey::new(chain, signing);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(Arc::new(certified)),

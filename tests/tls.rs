@@ -90,8 +90,8 @@ async fn sni_selects_the_certificate_issued_for_the_name() {
         dir.cert_lines("apps")
     );
     let a = Backend::echo("a").await;
-    let lb = Tether::start(&config().raw(&tls_listener("web", &dir, "site", &sni)).cookie_pool("app", &[&a]).build())
-        .await;
+    let lb =
+        Tether::start(&config().raw(&tls_listener("web", &dir, "site", &sni)).cookie_pool("app", &[&a]).build()).await;
     // Verified against the test CA for each name, so a wrong pick fails the request.
     for (name, leaf) in [("api.test", &api), ("site.test", &site), ("shop.apps.test", &apps)] {
         let client = https_client(&ca).resolve(name, lb.addr()).build().unwrap();
@@ -110,8 +110,8 @@ async fn an_unknown_or_absent_sni_gets_the_default_certificate() {
     dir.write("api", &api);
     let sni = format!("[[listeners.web.tls.sni]]\nhost = \"api.test\"\n{}", dir.cert_lines("api"));
     let a = Backend::echo("a").await;
-    let lb = Tether::start(&config().raw(&tls_listener("web", &dir, "site", &sni)).cookie_pool("app", &[&a]).build())
-        .await;
+    let lb =
+        Tether::start(&config().raw(&tls_listener("web", &dir, "site", &sni)).cookie_pool("app", &[&a]).build()).await;
     assert!(served_cert(lb.addr(), "api.test").await == api.der, "control: the SNI certificate is served");
     assert!(served_cert(lb.addr(), "unknown.test").await == site.der, "unknown name: the default");
     assert!(served_cert(lb.addr(), "127.0.0.1").await == site.der, "no SNI (IP literal): the default");
@@ -237,7 +237,8 @@ fn tether_check_reports_a_missing_key_file_at_its_line_and_column() {
     let out = std::process::Command::new(TETHER).args(["check", "--config"]).arg(&path).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{text}");
-    let expected = format!("{}:7:7: {}: cannot read private key", path.display(), dir.file("keys/missing.key").display());
+    let expected =
+        format!("{}:7:7: {}: cannot read private key", path.display(), dir.file("keys/missing.key").display());
     assert!(text.contains(&expected), "{text:?} lacks {expected:?}");
 }
 
@@ -334,8 +335,8 @@ async fn shutdown_lets_in_flight_tls_requests_finish_over_h1_and_h2_then_closes_
         })
         .await
     };
-    let lb = Tether::start(&config().raw(&tls_listener("web", &dir, "site", "")).cookie_pool("app", &[&slow]).build())
-        .await;
+    let lb =
+        Tether::start(&config().raw(&tls_listener("web", &dir, "site", "")).cookie_pool("app", &[&slow]).build()).await;
     let addr = lb.addr();
     let url = lb.https_url("web", "site.test", "/");
     let h1 = https_client(&ca).resolve("site.test", addr).http1_only().build().unwrap();
