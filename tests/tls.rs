@@ -252,12 +252,7 @@ async fn a_redirect_listener_answers_308_with_the_https_location_and_never_reach
         .build();
     let lb = Tether::start(&toml).await;
     let addr = lb.listener_addr("plain");
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap();
+    let client = client_builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let r = fetch(client.get(format!("http://{addr}/a/b?x=1&y=%20")).header("host", "shop.example.com:8080")).await;
     assert_eq!(r.status, 308);
     assert_eq!(r.header("location"), Some("https://shop.example.com:8443/a/b?x=1&y=%20"));

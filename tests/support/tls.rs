@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{REQUEST_TIMEOUT, Tether};
+use super::{Tether, client_builder};
 
 /// reqwest is built without a crypto provider (to keep aws-lc out of the
 /// build); tether itself passes ring explicitly.
@@ -119,13 +119,7 @@ pub fn tls_listener(name: &str, dir: &CertDir, cert: &str, extra: &str) -> Strin
 /// A client that trusts only `ca`, reports the served certificate
 /// ([`peer_cert`]) and keeps cookies.
 pub fn https_client(ca: &TestCa) -> reqwest::ClientBuilder {
-    install_ring();
-    reqwest::Client::builder()
-        .tls_certs_only([ca.reqwest_cert()])
-        .tls_info(true)
-        .cookie_store(true)
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
+    client_builder().tls_certs_only([ca.reqwest_cert()]).tls_info(true).cookie_store(true)
 }
 
 /// The DER certificate the server presented on this response's connection.
@@ -141,15 +135,8 @@ pub fn peer_cert(resp: &reqwest::Response) -> Vec<u8> {
 /// sends no SNI). Accepts any certificate, so a wrong one is seen rather
 /// than refused.
 pub async fn served_cert(addr: SocketAddr, name: &str) -> Vec<u8> {
-    install_ring();
-    let client = reqwest::Client::builder()
-        .tls_danger_accept_invalid_certs(true)
-        .tls_info(true)
-        .resolve(name, addr)
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap();
+    let client =
+        client_builder().tls_danger_accept_invalid_certs(true).tls_info(true).resolve(name, addr).build().unwrap();
     let host = if name.parse::<std::net::IpAddr>().is_ok() { addr.ip().to_string() } else { name.to_string() };
     let resp = client.get(format!("https://{host}:{}/", addr.port())).send().await.unwrap();
     peer_cert(&resp)
