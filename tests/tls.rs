@@ -357,3 +357,23 @@ async fn shutdown_lets_in_flight_tls_requests_finish_over_h1_and_h2_then_closes_
     assert_eq!(r2.text().await.unwrap(), "done");
     assert!(shutdown.await.unwrap(), "every connection finished within the deadline");
 }
+
+#[tokio::test]
+async fn a_reload_turns_tls_on_for_a_kept_listener_and_new_connections_speak_it() {
+    let ca = TestCa::new();
+    let dir = CertDir::new("tls-on");
+    let site = ca.issue(&["site.test"]);
+    dir.write("site", &site);
+    let a = Backend::echo("a").await;
+    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&a]).build()).await;
+    let addr = lb.addr();
+    assert_eq!(fetch(client().get(lb.url("/"))).await.status, 200, "plain HTTP first");
+
+    lb.apply(&config().raw(&tls_listener("web", &dir, "site", "")).cookie_pool("app", &[&a]).build()).unwrap();
+    assert_eq!(lb.addr(), addr, "same socket");
+    let resp = https_client(&ca).resolve("site.test", addr).build().unwrap();
+    let resp = resp.get(lb.https_url("web", "site.test", "/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(peer_cert(&resp) == site.der);
+    assert!(client().get(lb.url("/")).send().await.is_err(), "a new plain-HTTP connection gets no HTTP answer");
+}
