@@ -16,6 +16,9 @@ use crate::snapshot::{AffinityRule, Pool, Snapshot};
 pub struct Impact {
     pub listeners_added: Vec<String>,
     pub listeners_removed: Vec<String>,
+    /// `name: what` for listeners kept: TLS on or off, certificates
+    /// changed (rotation), redirect changed.
+    pub listeners_changed: Vec<String>,
     pub routes_changed: bool,
     pub pools_added: Vec<String>,
     pub pools_removed: Vec<String>,
@@ -61,8 +64,20 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Impact {
         }
     }
     for l in &old.listeners {
-        if !new.listeners.iter().any(|n| n.name == l.name && n.addr == l.addr) {
-            out.listeners_removed.push(format!("{} {}", l.name, l.addr));
+        match new.listeners.iter().find(|n| n.name == l.name && n.addr == l.addr) {
+            None => out.listeners_removed.push(format!("{} {}", l.name, l.addr)),
+            Some(n) => {
+                let what = match (&l.tls, &n.tls) {
+                    (None, Some(_)) => Some("TLS enabled"),
+                    (Some(_), None) => Some("TLS disabled"),
+                    (Some(a), Some(b)) if a.fingerprint != b.fingerprint => Some("certificates changed"),
+                    _ => None,
+                };
+                out.listeners_changed.extend(what.map(|w| format!("{}: {w}", l.name)));
+                if l.redirect != n.redirect {
+                    out.listeners_changed.push(format!("{}: redirect changed", l.name));
+                }
+            }
         }
     }
     out.routes_changed = old.routes_fingerprint != new.routes_fingerprint;
@@ -161,6 +176,9 @@ impl Impact {
         }
         for l in &self.listeners_removed {
             part(format!("listener -{l}"));
+        }
+        for l in &self.listeners_changed {
+            part(format!("listener {l}"));
         }
         if self.routes_changed {
             part("routes changed".to_string());

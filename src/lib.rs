@@ -9,12 +9,15 @@
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
 //! - [`upstream`], [`forward`], [`proxy`]: the request path.
-//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
+//!   certificates and the rustls configuration; [`redirect`]: listeners that
+//!   send every request to HTTPS.
 //! - [`demo`]: the demo app server with in-memory sessions, and `tether demo`.
 //! - [`cli`]: what `main.rs` calls.
 //!
 //! # One request
-//! `server` accepts and serves the connection with hyper; `proxy::handle`
+//! `server` accepts, terminates TLS where configured (ALPN picks h2 or
+//! HTTP/1.1), and serves the connection with hyper; `proxy::handle`
 //! loads the snapshot once, routes, selects (cookie → hash → policy),
 //! rewrites headers, sends through the backend's pool (failing over when a
 //! connection cannot be made), and adds the affinity cookie to the response.
@@ -31,6 +34,7 @@ pub mod impact;
 pub mod live;
 pub mod metrics;
 pub mod proxy;
+pub mod redirect;
 pub mod reload;
 pub mod routing;
 pub mod scenario;
@@ -38,6 +42,7 @@ pub mod select;
 pub mod server;
 pub mod sketch;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -204,7 +204,7 @@ async fn proxy(
                     backend.live.health.record_success();
                 }
                 let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());
-                let cookie = if sel.set_cookie { backend.set_cookie.as_ref() } else { None };
+                let cookie = if sel.set_cookie { backend.set_cookie_for(conn.https) } else { None };
                 forward::downstream_response(&mut resp, cookie);
                 break Ok(resp);
             }

@@ -1,6 +1,7 @@
-//! Listeners and client connections: accept, serve HTTP/1.1 or HTTP/2
-//! (h2c by prior knowledge), and drain gracefully on shutdown or when a
-//! reload removes a listener.
+//! Listeners and client connections: accept, terminate TLS where configured,
+//! serve HTTP/1.1 or HTTP/2 (ALPN over TLS, h2c by prior knowledge on plain
+//! listeners), and drain gracefully on shutdown or when a reload removes a
+//! listener.
 //!
 //! A reload changes listeners in two steps: [`Server::bind_new`] binds every
 //! address the new snapshot adds (so a bind failure fails the whole reload
@@ -13,17 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Runtime;
-use crate::proxy::{self, ConnInfo};
 use crate::snapshot::Snapshot;
+
+mod connection;
+use connection::{Builders, Connection};
 
 /// A client must send its request head within this time (slowloris); it is
 /// also how long an idle keep-alive connection stays open.
@@ -209,11 +209,9 @@ async fn accept_loop(
     mut stop: watch::Receiver<Option<Duration>>,
     connections: Arc<AtomicU64>,
 ) -> bool {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
+    let conn_stop = stop.clone();
     let deadline = loop {
         tokio::select! {
             changed = stop.changed() => {
@@ -222,7 +220,13 @@ async fn accept_loop(
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let conn = Connection { runtime: &runtime, builder: &builder, graceful: &graceful, name: &name };
+                    let conn = Connection {
+                        runtime: &runtime,
+                        builders: &builders,
+                        graceful: &graceful,
+                        stop: &conn_stop,
+                        name: &name,
+                    };
                     conn.serve(kind, tcp, peer, Counted::new(&connections));
                 }
                 Err(e) => {
@@ -252,50 +256,4 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// What serving one accepted connection needs from its listener.
-struct Connection<'a> {
-    runtime: &'a Arc<Runtime>,
-    builder: &'a Arc<auto::Builder<TokioExecutor>>,
-    graceful: &'a GracefulShutdown,
-    name: &'a Arc<str>,
-}
-
-impl Connection<'_> {
-    fn serve(self, kind: Kind, tcp: TcpStream, peer: SocketAddr, counted: Counted) {
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().unwrap_or(peer);
-        let info = Arc::new(ConnInfo { listener: self.name.clone(), peer, local, https: false });
-        let rt = self.runtime.clone();
-        let io = TokioIo::new(tcp);
-        let conn = match kind {
-            Kind::Proxy => {
-                let svc = service_fn(move |req| proxy::handle(rt.clone(), info.clone(), req));
-                let conn = self.builder.serve_connection_with_upgrades(io, svc).into_owned();
-                futures_boxed(self.graceful.watch(conn))
-            }
-            Kind::Admin => {
-                let svc = service_fn(move |req| crate::admin::handle(rt.clone(), info.clone(), req));
-                let conn = self.builder.serve_connection(io, svc).into_owned();
-                futures_boxed(self.graceful.watch(conn))
-            }
-        };
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-            drop(counted);
-        });
-    }
-}
-
-type ConnFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send>>;
-
-fn futures_boxed<F>(f: F) -> ConnFuture
-where
-    F: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
-{
-    Box::pin(f)
 }

@@ -51,6 +51,21 @@ pub struct ListenerSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub default_pool: Option<usize>,
+    /// TLS termination; new connections use the current snapshot's, so a
+    /// reload serves rotated certificates without rebinding.
+    pub tls: Option<Arc<TlsSpec>>,
+    /// `redirect_https`: every request gets a 308 and no pool is involved.
+    pub redirect: Option<Arc<crate::redirect::Redirect>>,
+}
+
+/// A TLS listener's settings.
+#[derive(Debug)]
+pub struct TlsSpec {
+    pub config: Arc<rustls::ServerConfig>,
+    pub handshake_timeout: Duration,
+    /// Changes when any certificate, SNI name or setting changes (for
+    /// reload summaries: a rotation shows).
+    pub fingerprint: u64,
 }
 
 #[derive(Debug)]
@@ -128,8 +143,11 @@ pub struct Backend {
     pub configured_state: BackendState,
     /// The affinity cookie value naming this backend (cookie pools).
     pub cookie_value: Box<str>,
-    /// The complete `Set-Cookie` header that pins a client here.
+    /// The complete `Set-Cookie` header that pins a client here, for
+    /// plain listeners ...
     pub set_cookie: Option<HeaderValue>,
+    /// ... and for TLS listeners (with `Secure` unless `secure = false`).
+    pub set_cookie_tls: Option<HeaderValue>,
     pub live: Arc<BackendLive>,
 }
 
@@ -147,6 +165,12 @@ impl Backend {
     /// The state in force (configured, or overridden at runtime).
     pub fn state(&self) -> BackendState {
         self.live.state(self.configured_state)
+    }
+
+    /// The `Set-Cookie` header pinning a client here, for a connection over
+    /// TLS (`https`) or not.
+    pub fn set_cookie_for(&self, https: bool) -> Option<&HeaderValue> {
+        if https { self.set_cookie_tls.as_ref() } else { self.set_cookie.as_ref() }
     }
 }
 
@@ -202,15 +226,21 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
     for p in &cfg.pools {
         pools.push(compile_pool(&p.name, &p.value, registry)?);
     }
-    let listeners = cfg
-        .listeners
-        .iter()
-        .map(|l| ListenerSpec {
+    let mut listeners = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        listeners.push(ListenerSpec {
             name: l.name.clone(),
             addr: l.value.listen.get_ref().0,
             default_pool: l.value.default_pool.as_ref().and_then(|p| pool_index(p.get_ref())),
-        })
-        .collect();
+            tls: l.value.tls.as_ref().map(|t| compile_tls(&l.name, t)).transpose()?,
+            redirect: l
+                .value
+                .redirect_https
+                .as_ref()
+                .map(|r| crate::redirect::Redirect::parse(r.get_ref()).map(Arc::new))
+                .transpose()?,
+        });
+    }
     let mut router = Router::default();
     for r in &cfg.routes {
         let pool = pool_index(r.pool.get_ref()).ok_or_else(|| format!("unknown pool {}", r.pool.get_ref()))?;
@@ -244,6 +274,25 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
     })
 }
 
+fn compile_tls(listener: &str, t: &config::TlsSection) -> Result<Arc<TlsSpec>, String> {
+    let certs = t.resolved.as_ref().ok_or_else(|| format!("listener `{listener}`: certificates were not loaded"))?;
+    let config =
+        crate::tls::server_config(certs, t.min_version.into()).map_err(|e| format!("listener `{listener}`: {e}"))?;
+    let mut seen = Vec::new();
+    for (host, key) in std::iter::once(("", &certs.default)).chain(certs.sni.iter().map(|(h, k)| (h.as_str(), k))) {
+        seen.extend_from_slice(host.as_bytes());
+        for c in &key.cert {
+            seen.extend_from_slice(c.as_ref());
+        }
+    }
+    seen.extend_from_slice(format!("{:?} {:?}", t.min_version, t.handshake_timeout.get_ref()).as_bytes());
+    Ok(Arc::new(TlsSpec {
+        config,
+        handshake_timeout: t.handshake_timeout.get_ref().0,
+        fingerprint: xxhash_rust::xxh3::xxh3_64(&seen),
+    }))
+}
+
 fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Result<Pool, String> {
     let codec = CookieCodec::new(name, p.cookie.name.get_ref(), p.cookie.resolved_secret.as_deref());
     let mut backends = Vec::with_capacity(p.backends.len());
@@ -255,9 +304,12 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
             addr: b.addr.get_ref().0,
         });
         let cookie_value = codec.encode(bname);
-        let set_cookie = match p.affinity {
-            Affinity::Cookie => Some(set_cookie_header(&p.cookie, &cookie_value)?),
-            _ => None,
+        let (set_cookie, set_cookie_tls) = match p.affinity {
+            Affinity::Cookie => (
+                Some(set_cookie_header(&p.cookie, &cookie_value, p.cookie.secure.unwrap_or(false))?),
+                Some(set_cookie_header(&p.cookie, &cookie_value, p.cookie.secure.unwrap_or(true))?),
+            ),
+            _ => (None, None),
         };
         backends.push(Backend {
             name: Arc::from(bname),
@@ -266,6 +318,7 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
             configured_state: b.state,
             cookie_value: cookie_value.into_boxed_str(),
             set_cookie,
+            set_cookie_tls,
             live,
         });
     }
@@ -333,11 +386,11 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
     })
 }
 
-fn set_cookie_header(c: &config::CookieSection, value: &str) -> Result<HeaderValue, String> {
+fn set_cookie_header(c: &config::CookieSection, value: &str, secure: bool) -> Result<HeaderValue, String> {
     let mut b = cookie::Cookie::build((c.name.get_ref().clone(), value.to_string()))
         .path(c.path.get_ref().clone())
         .http_only(c.http_only)
-        .secure(c.secure)
+        .secure(secure)
         .same_site(match c.same_site.get_ref() {
             SameSite::Lax => cookie::SameSite::Lax,
             SameSite::Strict => cookie::SameSite::Strict,

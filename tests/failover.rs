@@ -105,7 +105,7 @@ fn pinned_browser(lb: &Tether, pool: &str, backend: &str) -> reqwest::Client {
     let jar = Arc::new(reqwest::cookie::Jar::default());
     let url = reqwest::Url::parse(&lb.url("/")).unwrap();
     jar.add_cookie_str(&format!("tether={}; Path=/", lb.cookie_value(pool, backend)), &url);
-    reqwest::Client::builder().cookie_provider(jar).no_proxy().build().unwrap()
+    client_builder().cookie_provider(jar).build().unwrap()
 }
 
 /// A loopback address that refuses connections while this lives: a socket
@@ -1171,12 +1171,7 @@ async fn distinct_affinity_holders_per_backend_are_estimated_not_requests() {
     let mut per: BTreeMap<String, u64> = BTreeMap::new();
     for i in 0..60 {
         // A holder is a client address and user agent.
-        let browser = reqwest::Client::builder()
-            .cookie_store(true)
-            .no_proxy()
-            .user_agent(format!("browser-{i}"))
-            .build()
-            .unwrap();
+        let browser = client_builder().cookie_store(true).user_agent(format!("browser-{i}")).build().unwrap();
         let mut backend = String::new();
         for _ in 0..4 {
             backend = fetch(browser.get(lb.url("/"))).await.backend().to_string();

@@ -10,9 +10,11 @@
 //! These types are what the operator writes. They never reach the request
 //! path: [`crate::snapshot`] compiles them into the runtime form.
 
+mod tls;
 mod types;
 mod validate;
 
+pub use tls::{SniSection, TlsSection, TlsVersion};
 pub use types::*;
 
 use std::fmt;

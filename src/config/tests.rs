@@ -382,3 +382,5 @@ fn bad_durations_are_rejected_with_an_example() {
         assert!(err.contains(&format!("invalid duration `{bad}`")) && err.contains("250ms"), "{bad}: {err}");
     }
 }
+
+mod tls;

@@ -108,6 +108,13 @@ pub struct ListenerSection {
     /// Pool for requests no route matches; without it they get 404.
     #[serde(default)]
     pub default_pool: Option<Spanned<String>>,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<super::TlsSection>,
+    /// Answer every request with a 308 to this template (`{host}` is the
+    /// request's host without port), plus the request's path and query.
+    #[serde(default)]
+    pub redirect_https: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,7 +314,8 @@ pub struct CookieSection {
     pub domain: Option<String>,
     pub max_age: Option<Dur>,
     pub http_only: bool,
-    pub secure: bool,
+    /// Absent: `Secure` on TLS listeners only; `true`: always; `false`: never.
+    pub secure: Option<bool>,
     pub same_site: Spanned<SameSite>,
     pub secret: Option<Spanned<String>>,
     pub secret_file: Option<Spanned<PathBuf>>,
@@ -324,7 +332,7 @@ impl Default for CookieSection {
             domain: None,
             max_age: None,
             http_only: true,
-            secure: false,
+            secure: None,
             same_site: Spanned::new(0..0, SameSite::Lax),
             secret: None,
             secret_file: None,

@@ -81,6 +81,10 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         }
     }
 
+    for l in &mut cfg.listeners {
+        super::tls::validate_listener(&mut l.value, base_dir, errs);
+    }
+
     for r in &cfg.routes {
         if !pool_names.contains(r.pool.get_ref().as_str()) {
             errs.at(r.pool.span(), unknown_pool(r.pool.get_ref()));
@@ -164,7 +168,7 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         if !cookie.path.get_ref().starts_with('/') {
             errs.at(cookie.path.span(), format!("cookie path `{}` must start with `/`", cookie.path.get_ref()));
         }
-        if *cookie.same_site.get_ref() == SameSite::None && !cookie.secure {
+        if *cookie.same_site.get_ref() == SameSite::None && cookie.secure != Some(true) {
             errs.at(
                 cookie.same_site.span(),
                 "same_site = \"none\" requires secure = true (browsers drop such cookies otherwise)",

@@ -16,9 +16,13 @@
 //!   connections, as a crashed process would; [`Backend::restart`] binds the
 //!   same address again.
 //! - [`config`]: a fluent TOML builder; [`Tether`]: a running balancer.
-//! - [`client`], [`client_without_cookies`], [`h2c_client`], [`fetch`]: reqwest.
+//! - [`client`], [`client_without_cookies`], [`h2c_client`], [`fetch`]:
+//!   reqwest; build any other client from [`client_builder`].
 //! - [`wait_for`]: polls a condition (the only place a test sleeps).
+//! - [`tls`]: a test CA, certificate files, HTTPS clients.
 #![allow(dead_code)]
+
+pub mod tls;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -591,31 +595,28 @@ impl Tether {
 // Clients
 // ---------------------------------------------------------------------------
 
+/// Every test client starts here: reqwest is built without a TLS crypto
+/// provider (no aws-lc), so this installs ring first (building a client
+/// without one panics); no proxy, [`REQUEST_TIMEOUT`].
+pub fn client_builder() -> reqwest::ClientBuilder {
+    tls::install_ring();
+    reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT)
+}
+
 /// A client with its own cookie jar: one browser.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .cookie_store(true)
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap_or_else(|e| panic!("client: {e}"))
+    client_builder().cookie_store(true).build().unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// A client that keeps no cookies: every request is a new visitor unless it
 /// sends a `Cookie` header itself.
 pub fn client_without_cookies() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT).build().unwrap_or_else(|e| panic!("client: {e}"))
+    client_builder().build().unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// An HTTP/2 cleartext client (prior knowledge) with its own cookie jar.
 pub fn h2c_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .cookie_store(true)
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .unwrap_or_else(|e| panic!("client: {e}"))
+    client_builder().cookie_store(true).http2_prior_knowledge().build().unwrap_or_else(|e| panic!("client: {e}"))
 }
 
 /// A whole response: status, headers and body as text.
