@@ -165,13 +165,10 @@ async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: im
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::start(runtime.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    if let Err(e) = Server::start(runtime.clone()).await {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
     if let Some((path, watch)) = reload
         && let Err(e) = crate::reload::start(&runtime, path, watch)
     {
@@ -182,7 +179,7 @@ async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: im
     shutdown_signal().await;
     let deadline = runtime.snapshot().shutdown_timeout;
     tracing::info!(?deadline, "shutting down: draining in-flight requests");
-    if !server.shutdown(deadline).await {
+    if !runtime.shutdown(deadline).await {
         tracing::warn!("shutdown deadline passed; remaining connections closed");
     }
     ExitCode::SUCCESS
