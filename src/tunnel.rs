@@ -1,7 +1,8 @@
 //! Upgraded connections (WebSocket and other HTTP/1.1 upgrades). After the
 //! backend's `101 Switching Protocols` has been relayed, the client's and
 //! the backend's connections are copied into each other, bytes unchanged,
-//! until either side closes or nothing moves either way for the pool's idle
+//! until either side closes (the other side then gets the end of the stream
+//! and is closed too) or nothing moves either way for the pool's idle
 //! timeout.
 //!
 //! A tunnel belongs to no listener and no snapshot, so a reload never cuts
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
 use crate::health::now_ms;
@@ -101,12 +102,25 @@ impl Tunnels {
     }
 }
 
-/// Copies both ways; returns how it ended.
+/// Copies both ways until either side closes (its end is passed on to the
+/// other side, then both are closed) or the tunnel is idle; returns how it
+/// ended.
 async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) -> Result<&'static str, String> {
     let (client, backend) = tokio::try_join!(client, backend).map_err(|e| format!("upgrade: {e}"))?;
     let last = Arc::new(AtomicU64::new(now_ms()));
-    let mut client = Activity { inner: TokioIo::new(client), last: last.clone() };
-    let mut backend = TokioIo::new(backend);
+    let client = Activity { inner: TokioIo::new(client), last: last.clone() };
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut backend_rx, mut backend_tx) = tokio::io::split(TokioIo::new(backend));
+    let up = async {
+        let copied = tokio::io::copy(&mut client_rx, &mut backend_tx).await;
+        let _ = backend_tx.shutdown().await;
+        copied.map(|_| "client closed")
+    };
+    let down = async {
+        let copied = tokio::io::copy(&mut backend_rx, &mut client_tx).await;
+        let _ = client_tx.shutdown().await;
+        copied.map(|_| "backend closed")
+    };
     let idle_ms = idle.as_millis().max(1) as u64;
     let idle_out = async {
         loop {
@@ -118,10 +132,8 @@ async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) -> Result<&'
         }
     };
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
-            Ok(_) => Ok("closed"),
-            Err(e) => Err(format!("copy: {e}")),
-        },
+        copied = up => copied.map_err(|e| format!("client to backend: {e}")),
+        copied = down => copied.map_err(|e| format!("backend to client: {e}")),
         () = idle_out => Ok("idle timeout"),
     }
 }

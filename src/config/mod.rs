@@ -205,3 +205,5 @@ pub struct Source {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_tests;

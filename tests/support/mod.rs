@@ -18,7 +18,12 @@
 //! - [`config`]: a fluent TOML builder; [`Tether`]: a running balancer.
 //! - [`client`], [`client_without_cookies`], [`h2c_client`], [`fetch`]: reqwest.
 //! - [`wait_for`]: polls a condition (the only place a test sleeps).
+//! - [`servers`]: TLS and HTTP/2 backends, a test CA; [`ws`]: WebSocket
+//!   backends and clients.
 #![allow(dead_code)]
+
+pub mod servers;
+pub mod ws;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -581,9 +586,10 @@ impl Tether {
         b.cookie_value.to_string()
     }
 
-    /// Graceful shutdown; whether everything finished within `deadline`.
+    /// Graceful shutdown (connections and upgraded connections); whether
+    /// everything finished within `deadline`.
     pub async fn shutdown(self, deadline: Duration) -> bool {
-        self.server.shutdown(deadline).await
+        self.runtime.shutdown(deadline).await
     }
 }
 
