@@ -38,6 +38,8 @@ pub enum ConnectError {
     /// The TLS handshake failed (certificate not trusted, name mismatch, ...).
     Tls(std::io::Error),
     Handshake(hyper::Error),
+    /// The connection attempt this request waited for failed (its reason).
+    Other(String),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -48,6 +50,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
             ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             ConnectError::Handshake(e) => write!(f, "connection failed before sending: {e}"),
+            ConnectError::Other(reason) => f.write_str(reason),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -49,11 +50,29 @@ pub struct Upstream {
     idle: Mutex<Vec<(Connection, Instant)>>,
     /// The shared HTTP/2 connection and its transport's fingerprint.
     shared: Mutex<Option<(http2::SendRequest<Body>, u64)>>,
+    /// One HTTP/2 connection attempt at a time: requests arriving meanwhile
+    /// wait for it instead of each opening a connection.
+    connecting: tokio::sync::Mutex<Attempts>,
+    /// `Attempts::made`, readable without waiting.
+    attempts_made: AtomicU64,
+}
+
+/// HTTP/2 connection attempts so far, and why the last one failed.
+#[derive(Debug, Default)]
+struct Attempts {
+    made: u64,
+    last_error: Option<String>,
 }
 
 impl Upstream {
     pub fn new(addr: SocketAddr) -> Self {
-        Upstream { addr, idle: Mutex::new(Vec::new()), shared: Mutex::new(None) }
+        Upstream {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+            connecting: Default::default(),
+            attempts_made: AtomicU64::new(0),
+        }
     }
 
     /// Sends a request the way `transport` says. An HTTP/1.1 response comes
@@ -119,12 +138,42 @@ impl Upstream {
                 },
             }
         }
-        let mut fresh = match transport.connect_h2(self.addr, connect_timeout).await {
-            Ok(s) => s,
+        let mut conn = match self.connect_h2(transport, connect_timeout).await {
+            Ok(c) => c,
             Err(cause) => return Err(SendError::NotSent { request: Box::new(request), cause }),
         };
-        self.share_h2(&fresh, transport.fingerprint);
-        fresh.try_send_request(request).await.map_err(not_sent_or_failed)
+        conn.try_send_request(request).await.map_err(not_sent_or_failed)
+    }
+
+    /// The shared connection once one is open: made here, or by the
+    /// attempt this request waited for. When that attempt failed, so does
+    /// this request, at once and with the same reason.
+    async fn connect_h2(
+        &self,
+        transport: &Transport,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let seen = self.attempts_made.load(Ordering::Acquire);
+        let mut attempts = self.connecting.lock().await;
+        if let Some(shared) = self.shared_h2(transport.fingerprint) {
+            return Ok(shared);
+        }
+        if attempts.made != seen
+            && let Some(reason) = &attempts.last_error
+        {
+            return Err(ConnectError::Other(reason.clone()));
+        }
+        let result = transport.connect_h2(self.addr, connect_timeout).await;
+        attempts.made += 1;
+        self.attempts_made.store(attempts.made, Ordering::Release);
+        match &result {
+            Ok(conn) => {
+                attempts.last_error = None;
+                *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), transport.fingerprint));
+            }
+            Err(e) => attempts.last_error = Some(e.to_string()),
+        }
+        result
     }
 
     /// A clone of the shared connection if it is open and was made with
@@ -134,17 +183,6 @@ impl Upstream {
         match &*shared {
             Some((s, fp)) if *fp == fingerprint && !s.is_closed() => Some(s.clone()),
             _ => None,
-        }
-    }
-
-    /// Makes `fresh` the shared connection unless another request already
-    /// replaced a closed one meanwhile (then `fresh` serves only its request
-    /// and closes when dropped).
-    fn share_h2(&self, fresh: &http2::SendRequest<Body>, fingerprint: u64) {
-        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let usable = matches!(&*shared, Some((s, fp)) if *fp == fingerprint && !s.is_closed());
-        if !usable {
-            *shared = Some((fresh.clone(), fingerprint));
         }
     }
 
