@@ -347,7 +347,13 @@ mod tests {
     #[test]
     fn h2_request_gets_host_from_its_authority() {
         let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
-        let up = Upstream { client_ip: "::1".parse().unwrap(), https: true, affinity_cookie: None, affinity: "new", upgrade: None };
+        let up = Upstream {
+            client_ip: "::1".parse().unwrap(),
+            https: true,
+            affinity_cookie: None,
+            affinity: "new",
+            upgrade: None,
+        };
         upstream_request(&mut req, &up);
         assert_eq!(req.headers().get("host").unwrap(), "a.example.com:8080");
         assert_eq!(req.headers().get("x-forwarded-proto").unwrap(), "https");

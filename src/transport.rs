@@ -112,7 +112,11 @@ impl Transport {
     }
 
     /// A new HTTP/1.1 connection (upgrades allowed), within `timeout`.
-    pub async fn connect_h1(&self, addr: SocketAddr, timeout: Duration) -> Result<http1::SendRequest<Body>, ConnectError> {
+    pub async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
         let connect = async {
             let io = self.connect_io(addr).await?;
             let (sender, conn) =
@@ -128,7 +132,11 @@ impl Transport {
     }
 
     /// A new HTTP/2 connection, within `timeout`.
-    pub async fn connect_h2(&self, addr: SocketAddr, timeout: Duration) -> Result<http2::SendRequest<Body>, ConnectError> {
+    pub async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let connect = async {
             let io = self.connect_io(addr).await?;
             let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -171,8 +179,9 @@ impl Builder {
                     }
                 };
                 let server_name = match &tls.server_name {
-                    Some(name) => ServerName::try_from(name.clone())
-                        .map_err(|e| format!("invalid server_name `{name}`: {e}"))?,
+                    Some(name) => {
+                        ServerName::try_from(name.clone()).map_err(|e| format!("invalid server_name `{name}`: {e}"))?
+                    }
                     // An IP address: verified against the certificate's IP
                     // subjectAltNames; rustls sends no SNI for it.
                     None => ServerName::IpAddress(addr.ip().into()),
@@ -190,9 +199,10 @@ fn client_config(verify: &Verify, protocol: Protocol) -> Result<Arc<ClientConfig
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS client config: {e}"))?;
     let mut config = match verify {
-        Verify::Off => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider))).with_no_client_auth()
-        }
+        Verify::Off => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth(),
         Verify::WebPki => {
             let roots: RootCertStore = webpki_roots::TLS_SERVER_ROOTS.iter().cloned().collect();
             builder.with_root_certificates(roots).with_no_client_auth()

@@ -18,8 +18,8 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 
 use crate::config::Protocol;
-pub use crate::transport::{Body, ConnectError};
 use crate::transport::Transport;
+pub use crate::transport::{Body, ConnectError};
 
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);

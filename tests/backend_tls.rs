@@ -101,7 +101,8 @@ async fn server_name_is_sent_as_sni_and_checked_against_the_certificate() {
     assert_eq!(fetch(client().get(by_ip.url("/"))).await.status, 502);
     // A backend's own server_name wins over the pool's.
     let overridden = format!("tls = true\n{ca_file}\nserver_name = \"wrong.internal\"");
-    let own = Tether::start(&one_pool(&overridden, &[("named", server.addr(), "server_name = \"backend.internal\"")])).await;
+    let own =
+        Tether::start(&one_pool(&overridden, &[("named", server.addr(), "server_name = \"backend.internal\"")])).await;
     assert_eq!(fetch(client().get(own.url("/"))).await.status, 200);
 }
 
@@ -172,10 +173,14 @@ async fn h2_over_tls_is_negotiated_by_alpn_and_health_checks_use_it_too() {
 
 // === gRPC-style: POST, application/grpc, te: trailers, trailers both ways ===
 
-type Frames = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>>;
+type Frames =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>>;
 
 fn frames(data: &'static str, trailers: HeaderMap) -> Frames {
-    StreamBody::new(futures_util::stream::iter(vec![Ok(Frame::data(Bytes::from_static(data.as_bytes()))), Ok(Frame::trailers(trailers))]))
+    StreamBody::new(futures_util::stream::iter(vec![
+        Ok(Frame::data(Bytes::from_static(data.as_bytes()))),
+        Ok(Frame::trailers(trailers)),
+    ]))
 }
 
 /// Echoes the body; reports in its trailers what it saw.
@@ -250,4 +255,19 @@ async fn a_post_to_an_unreachable_h2_backend_fails_over_since_nothing_was_sent()
         assert!(r.set_cookie("tether").is_some(), "re-pinned to the backend that served it");
     }
     assert_eq!(alive.requests(), 3, "each POST was sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reaches_a_tls_backend() {
+    let dir = scratch_dir("tls-ws");
+    let ca = TestCa::new("ws CA");
+    let (ws_handler, _events) = support::ws::ws_handler("wss");
+    let server = TestServer::tls(ca.server_config(&["127.0.0.1"], &[b"http/1.1"]), ws_handler).await;
+    let keys = format!("tls = true\n{}", ca_line(&ca.write(&dir, "ca.pem")));
+    let lb = Tether::start(&one_pool(&keys, &[("wss", server.addr(), "")])).await;
+    let (mut ws, resp) = support::ws::connect(lb.addr(), "/", None).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(support::ws::ask(&mut ws, "whoami").await, "wss");
+    assert_eq!(support::ws::ask(&mut ws, "over TLS").await, "over TLS");
+    assert_eq!(server.seen.tls.lock().unwrap().len(), 1);
 }

@@ -165,7 +165,11 @@ async fn text_binary_ping_pong_and_close_frames_pass_unchanged() {
         other => panic!("expected the backend's close reply, got {other:?}"),
     }
     assert!(matches!(next(&mut ws).await, None | Some(Err(_))), "the socket ends after the close handshake");
-    assert_eq!(*events[0].lock().unwrap(), vec!["1001:client leaves".to_string()], "the backend got the close frame as sent");
+    assert_eq!(
+        *events[0].lock().unwrap(),
+        vec!["1001:client leaves".to_string()],
+        "the backend got the close frame as sent"
+    );
 }
 
 /// Reads until the socket ends; returns the close frame seen, if any.
@@ -246,7 +250,11 @@ async fn a_refused_upgrade_is_an_ordinary_response() {
         resp
     }))
     .await;
-    let toml = config().listener(Some("app")).raw("[pools.app]\n").raw(&backend_tables("app", &[("r", refuse.addr(), "")])).build();
+    let toml = config()
+        .listener(Some("app"))
+        .raw("[pools.app]\n")
+        .raw(&backend_tables("app", &[("r", refuse.addr(), "")]))
+        .build();
     let lb = Tether::start(&toml).await;
     match connect(lb.addr(), "/", None).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),

@@ -143,10 +143,7 @@ fn check_level(
     if let Some(name) = keys.server_name
         && ServerName::try_from(name.get_ref().as_str()).is_err()
     {
-        errs.at(
-            name.span(),
-            format!("invalid server_name `{}`: expected a DNS name or an IP address", name.get_ref()),
-        );
+        errs.at(name.span(), format!("invalid server_name `{}`: expected a DNS name or an IP address", name.get_ref()));
     }
     if let Some(file) = keys.ca_file {
         let verify = match read_ca(file.get_ref(), base_dir) {

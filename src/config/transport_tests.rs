@@ -127,7 +127,10 @@ fn a_ca_file_with_a_broken_certificate_is_an_error() {
 fn tls_keys_without_tls_are_errors_where_they_are_written() {
     let text = config("", "server_name = \"a.internal\"", "");
     let e = one_error(Path::new("."), &text);
-    assert!(e.starts_with(&format!("{}: `server_name` has no effect without `tls = true`", at(&text, "\"a.internal\""))), "{e}");
+    assert!(
+        e.starts_with(&format!("{}: `server_name` has no effect without `tls = true`", at(&text, "\"a.internal\""))),
+        "{e}"
+    );
     // On the pool, it is fine as long as some backend turns TLS on.
     let ok = config("server_name = \"a.internal\"", "tls = true", "");
     let cfg = parse_in(Path::new("."), &ok).unwrap();
@@ -155,7 +158,8 @@ fn insecure_skip_verify_loads_with_a_warning_at_its_key() {
     assert!(transports(&cfg).iter().all(|t| t.tls.as_ref().unwrap().verify == Verify::Off));
     assert_eq!(cfg.warnings.len(), 1, "one warning for the one key");
     let w = cfg.warnings[0].to_string();
-    let value_at = at(&text, "insecure_skip_verify = true").replace(":1", &format!(":{}", "insecure_skip_verify = ".len() + 1));
+    let value_at =
+        at(&text, "insecure_skip_verify = true").replace(":1", &format!(":{}", "insecure_skip_verify = ".len() + 1));
     assert!(w.starts_with(&format!("{value_at}: insecure_skip_verify = true in pool `app`")), "{w}");
     assert!(w.contains("NOT verified"), "{w}");
 }

@@ -85,14 +85,17 @@ pub fn scratch_dir(test: &str) -> PathBuf {
 
 // === servers ===
 
+/// One TLS handshake a [`TestServer`] accepted: the SNI sent (None for
+/// none) and the ALPN protocol chosen.
+pub type Handshake = (Option<String>, Option<Vec<u8>>);
+
 /// What a [`TestServer`] saw.
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicUsize,
     pub connections: AtomicUsize,
     pub versions: Mutex<Vec<Version>>,
-    /// Per TLS connection: the SNI sent (None for none) and the ALPN chosen.
-    pub tls: Mutex<Vec<(Option<String>, Option<Vec<u8>>)>>,
+    pub tls: Mutex<Vec<Handshake>>,
     /// Failed TLS handshakes.
     pub tls_failures: AtomicUsize,
 }
@@ -119,13 +122,8 @@ impl TestServer {
     }
 
     async fn start(tls: Option<Arc<rustls::ServerConfig>>, handler: Handler) -> TestServer {
-        let mut s = TestServer {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            tls,
-            handler,
-            seen: Arc::default(),
-            task: None,
-        };
+        let mut s =
+            TestServer { addr: SocketAddr::from(([127, 0, 0, 1], 0)), tls, handler, seen: Arc::default(), task: None };
         s.run();
         s
     }
@@ -229,6 +227,8 @@ async fn serve(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, handler: 
 pub fn backend_tables(pool: &str, backends: &[(&str, SocketAddr, &str)]) -> String {
     backends
         .iter()
-        .map(|(name, addr, extra)| format!("[[pools.{pool}.backends]]\nname = \"{name}\"\naddr = \"{addr}\"\n{extra}\n"))
+        .map(|(name, addr, extra)| {
+            format!("[[pools.{pool}.backends]]\nname = \"{name}\"\naddr = \"{addr}\"\n{extra}\n")
+        })
         .collect()
 }

@@ -46,14 +46,19 @@ where
 
 /// A WebSocket echo backend named `name`, and the close frames it receives.
 pub async fn ws_backend(name: &str) -> (TestServer, WsEvents) {
+    let (handler, events) = ws_handler(name);
+    (TestServer::plain(handler).await, events)
+}
+
+/// The handler of [`ws_backend`] (for a TLS [`TestServer`]), and its events.
+pub fn ws_handler(name: &str) -> (Handler, WsEvents) {
     let events: WsEvents = Arc::default();
     let (name, ev) = (name.to_string(), events.clone());
-    let server = TestServer::plain(handler(move |req| {
+    let handler = handler(move |req| {
         let (name, ev) = (name.clone(), ev.clone());
         async move { ws_response(name, ev, req) }
-    }))
-    .await;
-    (server, events)
+    });
+    (handler, events)
 }
 
 fn ws_response(name: String, events: WsEvents, mut req: Request<Incoming>) -> Response<BackendBody> {
