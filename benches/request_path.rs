@@ -116,12 +116,13 @@ fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, pe
         AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
         _ => None,
     };
+    let upgrade = forward::upgrade_protocol(&req);
     forward::upstream_request(
         &mut req,
-        &Upstream { client_ip: peer, https: false, affinity_cookie, affinity: sel.outcome.as_str() },
+        &Upstream { client_ip: peer, https: false, affinity_cookie, affinity: sel.outcome.as_str(), upgrade },
     );
     let backend = &pool.backends[sel.backend];
-    let cookie = if sel.set_cookie { backend.set_cookie.as_ref() } else { None };
+    let cookie = if sel.set_cookie { backend.set_cookie_for(false) } else { None };
     forward::downstream_response(&mut resp, cookie);
     black_box((&req, &resp));
     sel.backend

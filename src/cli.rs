@@ -31,7 +31,12 @@ pub fn init_tracing(default: &str) {
 /// would change and cost.
 pub fn check(path: &Path, against: Option<&Path>) -> ExitCode {
     let new = match compile(path) {
-        Ok(snap) => snap,
+        Ok((snap, warnings)) => {
+            for w in warnings {
+                println!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
+            }
+            snap
+        }
         Err(errors) => {
             println!("{errors}");
             return ExitCode::FAILURE;
@@ -39,7 +44,7 @@ pub fn check(path: &Path, against: Option<&Path>) -> ExitCode {
     };
     if let Some(old_path) = against {
         match compile(old_path) {
-            Ok(old) => print!("{}", crate::impact::diff(&old, &new).report()),
+            Ok((old, _)) => print!("{}", crate::impact::diff(&old, &new).report()),
             Err(errors) => {
                 println!("{errors}");
                 return ExitCode::FAILURE;
@@ -50,10 +55,13 @@ pub fn check(path: &Path, against: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Loads and compiles a config file on its own (a fresh registry).
-fn compile(path: &Path) -> Result<crate::snapshot::Snapshot, String> {
+/// Loads and compiles a config file on its own (a fresh registry); also
+/// returns its warnings.
+fn compile(path: &Path) -> Result<(crate::snapshot::Snapshot, Vec<config::ConfigError>), String> {
     let cfg = config::load(path).map_err(|e| e.to_string())?;
-    crate::snapshot::compile(&cfg, &crate::live::Registry::default(), 1).map_err(|e| format!("{}: {e}", path.display()))
+    let snap = crate::snapshot::compile(&cfg, &crate::live::Registry::default(), 1)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((snap, cfg.warnings))
 }
 
 /// `tether serve`: runs until SIGINT or SIGTERM, then drains. Reloads on
@@ -165,13 +173,10 @@ async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: im
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::start(runtime.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    if let Err(e) = Server::start(runtime.clone()).await {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
     if let Some((path, watch)) = reload
         && let Err(e) = crate::reload::start(&runtime, path, watch)
     {
@@ -182,7 +187,7 @@ async fn run(cfg: &Config, reload: Option<(std::path::PathBuf, bool)>, ready: im
     shutdown_signal().await;
     let deadline = runtime.snapshot().shutdown_timeout;
     tracing::info!(?deadline, "shutting down: draining in-flight requests");
-    if !server.shutdown(deadline).await {
+    if !runtime.shutdown(deadline).await {
         tracing::warn!("shutdown deadline passed; remaining connections closed");
     }
     ExitCode::SUCCESS

@@ -5,16 +5,18 @@
 //! `Connection`, are removed *before* tether adds its own, so a client can
 //! never make tether drop `X-Forwarded-For` by listing it in `Connection`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::config::Protocol;
 use crate::live::InFlight;
 use crate::upstream::Connection;
 
@@ -72,6 +74,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
+/// upgrade` and `Upgrade`, e.g. `websocket`), if tether may tunnel it.
+/// `h2c` is refused: it would be an upgrade of tether's own hop.
+pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || !connection_has(req.headers(), "upgrade") {
+        return None;
+    }
+    let upgrade = req.headers().get(header::UPGRADE)?;
+    let text = upgrade.to_str().ok()?;
+    let h2c = text.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"));
+    (!text.trim().is_empty() && !h2c).then(|| upgrade.clone())
+}
+
+/// Whether a `Connection` header lists `token`.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Removes one cookie from the `Cookie` headers, keeping all others.
 /// Allocates only when the cookie is present.
 pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
@@ -104,14 +129,32 @@ pub struct Upstream<'a> {
     pub https: bool,
     pub affinity_cookie: Option<&'a str>,
     pub affinity: &'static str,
+    /// The protocol of an upgrade request ([`upgrade_protocol`]).
+    pub upgrade: Option<HeaderValue>,
 }
 
 /// Turns a client request into the request sent to a backend: HTTP/1.1,
-/// origin-form URI, hop-by-hop headers out, forwarding headers in.
+/// origin-form URI, hop-by-hop headers out, forwarding headers in. An
+/// upgrade keeps its `Connection: upgrade` and `Upgrade`; a client's
+/// `TE: trailers` is kept for HTTP/2 backends (gRPC needs it) and dropped
+/// for HTTP/1.1 ones by [`for_backend`].
 pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
     let host_from_uri = req.uri().authority().map(|a| a.as_str().to_string());
     let headers = req.headers_mut();
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(protocol) = &up.upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
     if let Some(name) = up.affinity_cookie {
         remove_cookie(headers, name);
     }
@@ -137,6 +180,50 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         }
     }
     *req.version_mut() = Version::HTTP_11;
+}
+
+/// Puts a prepared request into the form a backend's protocol needs (again
+/// on each attempt, as a failover may change the protocol):
+/// - HTTP/1.1: origin-form URI and a `Host` header, no `TE`;
+/// - HTTP/2: scheme and authority in the URI (`:authority` from `Host`, else
+///   the backend's address), no connection-specific headers.
+pub fn for_backend<B>(req: &mut Request<B>, protocol: Protocol, scheme: &'static str, backend: SocketAddr) {
+    match protocol {
+        Protocol::Http1 => {
+            if !req.headers().contains_key(header::HOST)
+                && let Some(h) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, h);
+            }
+            if req.uri().authority().is_some() {
+                let origin_form = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+                if let Ok(uri) = origin_form.parse::<Uri>() {
+                    *req.uri_mut() = uri;
+                }
+            }
+            req.headers_mut().remove(header::TE);
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Protocol::H2 => {
+            let host = req.headers_mut().remove(header::HOST);
+            let authority = host
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .or_else(|| req.uri().authority().cloned())
+                .or_else(|| Authority::try_from(backend.to_string()).ok());
+            req.headers_mut().remove(header::CONNECTION);
+            req.headers_mut().remove(header::UPGRADE);
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(if scheme == "https" { Scheme::HTTPS } else { Scheme::HTTP });
+            parts.authority = authority;
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
 }
 
 fn ip_header(ip: IpAddr) -> HeaderValue {
@@ -174,6 +261,17 @@ pub fn downstream_response<B>(resp: &mut Response<B>, set_cookie: Option<&Header
     }
 }
 
+/// [`downstream_response`] for a `101 Switching Protocols`: its
+/// `Connection: upgrade` and `Upgrade` are the answer, so they stay.
+pub fn downstream_switch<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderValue>) {
+    let upgrade = resp.headers().get(header::UPGRADE).cloned();
+    downstream_response(resp, set_cookie);
+    if let Some(protocol) = upgrade {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        resp.headers_mut().insert(header::UPGRADE, protocol);
+    }
+}
+
 /// A backend's response body on its way to the client. When it has been
 /// read to the end its connection goes back to the pool; until it is
 /// dropped the backend counts the request as in flight.
@@ -184,8 +282,10 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn new(inner: Incoming, conn: Connection, in_flight: InFlight) -> Self {
-        let mut body = ProxyBody { inner, conn: Some(conn), in_flight };
+    /// `conn` is the HTTP/1.1 connection to give back at the end (none for
+    /// HTTP/2, whose connection is shared).
+    pub fn new(inner: Incoming, conn: Option<Connection>, in_flight: InFlight) -> Self {
+        let mut body = ProxyBody { inner, conn, in_flight };
         if body.inner.is_end_stream() {
             body.release();
         }
@@ -248,13 +348,14 @@ mod tests {
             https: false,
             affinity_cookie: Some("tether"),
             affinity: "kept",
+            upgrade: None,
         };
         upstream_request(&mut req, &up);
         let h = req.headers();
         assert!(h.get("x-drop-me").is_none());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get("connection").is_none());
-        assert!(h.get("te").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers", "kept for HTTP/2 backends");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.2");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example.com");
@@ -279,12 +380,103 @@ mod tests {
     #[test]
     fn h2_request_gets_host_from_its_authority() {
         let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
-        let up = Upstream { client_ip: "::1".parse().unwrap(), https: true, affinity_cookie: None, affinity: "new" };
+        let up = Upstream {
+            client_ip: "::1".parse().unwrap(),
+            https: true,
+            affinity_cookie: None,
+            affinity: "new",
+            upgrade: None,
+        };
         upstream_request(&mut req, &up);
         assert_eq!(req.headers().get("host").unwrap(), "a.example.com:8080");
         assert_eq!(req.headers().get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(req.version(), Version::HTTP_11);
         assert_eq!(req.uri(), "/x");
+    }
+
+    #[test]
+    fn only_http11_upgrades_other_than_h2c_are_tunnelled() {
+        let ws = |version, connection: &str, upgrade: &str| {
+            Request::builder()
+                .version(version)
+                .header("connection", connection)
+                .header("upgrade", upgrade)
+                .body(())
+                .unwrap()
+        };
+        let yes = upgrade_protocol(&ws(Version::HTTP_11, "keep-alive, Upgrade", "websocket"));
+        assert_eq!(yes.unwrap(), "websocket");
+        assert!(upgrade_protocol(&ws(Version::HTTP_11, "keep-alive", "websocket")).is_none(), "not in Connection");
+        assert!(upgrade_protocol(&ws(Version::HTTP_10, "upgrade", "websocket")).is_none());
+        assert!(upgrade_protocol(&ws(Version::HTTP_11, "upgrade", "h2c")).is_none(), "tether's own hop");
+        let no_header = Request::builder().header("connection", "upgrade").body(()).unwrap();
+        assert!(upgrade_protocol(&no_header).is_none());
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_headers_other_hop_by_hop_headers_go() {
+        let mut req = Request::builder()
+            .uri("/chat")
+            .header("host", "chat.example.com")
+            .header("connection", "Upgrade, x-drop")
+            .header("upgrade", "websocket")
+            .header("x-drop", "1")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        let up = Upstream {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            https: false,
+            affinity_cookie: None,
+            affinity: "new",
+            upgrade: upgrade_protocol(&req),
+        };
+        upstream_request(&mut req, &up);
+        let h = req.headers();
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert!(h.get("x-drop").is_none());
+        assert_eq!(h.get("sec-websocket-key").unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+
+        let mut resp = Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("keep-alive", "timeout=5")
+            .body(())
+            .unwrap();
+        downstream_switch(&mut resp, Some(&HeaderValue::from_static("tether=1")));
+        let h = resp.headers();
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get("set-cookie").unwrap(), "tether=1");
+    }
+
+    #[test]
+    fn for_backend_switches_between_http11_and_h2_forms_both_ways() {
+        let backend: SocketAddr = "10.0.0.7:50051".parse().unwrap();
+        let mut req = Request::builder()
+            .uri("/pkg.Svc/Call?x=1")
+            .header("host", "grpc.example.com")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        for_backend(&mut req, Protocol::H2, "https", backend);
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "https://grpc.example.com/pkg.Svc/Call?x=1");
+        assert!(req.headers().get("host").is_none(), ":authority carries it");
+        assert_eq!(req.headers().get("te").unwrap(), "trailers");
+        // A failover to an HTTP/1.1 backend of the same pool.
+        for_backend(&mut req, Protocol::Http1, "http", backend);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/pkg.Svc/Call?x=1");
+        assert_eq!(req.headers().get("host").unwrap(), "grpc.example.com");
+        assert!(req.headers().get("te").is_none());
+
+        let mut no_host = Request::builder().uri("/").body(()).unwrap();
+        for_backend(&mut no_host, Protocol::H2, "http", backend);
+        assert_eq!(no_host.uri(), "http://10.0.0.7:50051/");
     }
 
     #[test]

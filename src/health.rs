@@ -13,14 +13,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http_body_util::{BodyExt, Empty};
 
 use crate::Runtime;
-use crate::config::CheckKind;
+use crate::config::{CheckKind, Protocol};
 use crate::live::BackendLive;
 use crate::snapshot::{HealthCheck, Passive};
+use crate::transport::Transport;
 
 /// Milliseconds since the process started: a cheap monotonic clock for
 /// timestamps kept in atomics.
@@ -266,10 +265,10 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
     let mut threshold: Option<Threshold> = None;
     loop {
         tokio::time::sleep(delay).await;
-        let check = {
+        let (check, transport) = {
             let (Some(rt), Some(backend)) = (runtime.upgrade(), live.upgrade()) else { return };
             match current_check(&rt, &backend) {
-                Some(check) => check,
+                Some(current) => current,
                 None => {
                     // Checks removed (or the backend left): without checks a
                     // backend is up unless traffic ejects it. A checker
@@ -284,7 +283,7 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
             }
         };
         let Some(backend) = live.upgrade() else { return };
-        let result = probe(&backend, &check).await;
+        let result = probe(&backend, &check, &transport).await;
         let ok = result.is_ok();
         backend.record_check(ok);
         // Checks or the timer bring an ejected backend back.
@@ -322,13 +321,13 @@ async fn run_checker(runtime: Weak<Runtime>, live: Weak<BackendLive>, interval: 
     }
 }
 
-/// The check settings of this backend's pool, if the backend is still in
-/// the current configuration.
-fn current_check(rt: &Runtime, backend: &BackendLive) -> Option<HealthCheck> {
+/// The check settings of this backend's pool and its transport, if the
+/// backend is still in the current configuration.
+fn current_check(rt: &Runtime, backend: &BackendLive) -> Option<(HealthCheck, Arc<Transport>)> {
     let snap = rt.snapshot();
     let pool = snap.pools.iter().find(|p| *p.name == *backend.key.pool)?;
-    let present = pool.backends.iter().any(|b| std::ptr::eq(Arc::as_ptr(&b.live), backend));
-    if present { pool.health.clone() } else { None }
+    let b = pool.backends.iter().find(|b| std::ptr::eq(Arc::as_ptr(&b.live), backend))?;
+    Some((pool.health.clone()?, b.transport.clone()))
 }
 
 /// `base × a random factor in [lo, hi)`.
@@ -337,37 +336,45 @@ fn jitter(base: Duration, lo: f64, hi: f64) -> Duration {
     base.mul_f64(lo + (hi - lo) * r)
 }
 
-/// One check; `Err` says why it failed (`connect refused`, `timeout`, `status 503`).
-async fn probe(backend: &BackendLive, check: &HealthCheck) -> Result<(), String> {
-    match tokio::time::timeout(check.timeout, probe_inner(backend, check)).await {
+/// One check; `Err` says why it failed (`connect refused`, `timeout`,
+/// `TLS handshake failed: ...`, `status 503`). It connects the way traffic
+/// does: TLS and HTTP/2 when the backend is configured so.
+async fn probe(backend: &BackendLive, check: &HealthCheck, transport: &Transport) -> Result<(), String> {
+    match tokio::time::timeout(check.timeout, probe_inner(backend, check, transport)).await {
         Ok(result) => result,
         Err(_) => Err("timeout".to_string()),
     }
 }
 
-async fn probe_inner(backend: &BackendLive, check: &HealthCheck) -> Result<(), String> {
+async fn probe_inner(backend: &BackendLive, check: &HealthCheck, transport: &Transport) -> Result<(), String> {
     let addr = backend.key.addr;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connect refused".to_string(),
-        _ => format!("connect failed: {e}"),
-    })?;
     if check.kind == CheckKind::Tcp {
-        return Ok(());
+        // TCP, and the TLS handshake when the backend uses TLS.
+        return transport.connect_io(addr).await.map(drop).map_err(|e| e.to_string());
     }
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("handshake failed: {e}"))?;
-    let driver = tokio::spawn(conn);
-    let req = Request::get(check.path.as_str())
-        .header(http::header::HOST, addr.to_string())
+    let request = Request::get(check.path.as_str())
         .header(http::header::USER_AGENT, "tether-health-check")
-        .header(http::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
+        .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
         .map_err(|e| format!("bad check request: {e}"))?;
-    let result = sender.send_request(req).await;
-    driver.abort();
-    let resp = result.map_err(|e| format!("request failed: {e}"))?;
-    let status = resp.status().as_u16();
+    let resp = match transport.protocol {
+        Protocol::Http1 => {
+            let mut request = request;
+            let headers = request.headers_mut();
+            if let Ok(host) = http::HeaderValue::from_str(&addr.to_string()) {
+                headers.insert(http::header::HOST, host);
+            }
+            headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            let mut sender = transport.connect_h1(addr, check.timeout).await.map_err(|e| e.to_string())?;
+            sender.send_request(request).await
+        }
+        Protocol::H2 => {
+            let mut request = request;
+            crate::forward::for_backend(&mut request, Protocol::H2, transport.scheme(), addr);
+            let mut sender = transport.connect_h2(addr, check.timeout).await.map_err(|e| e.to_string())?;
+            sender.send_request(request).await
+        }
+    };
+    let status = resp.map_err(|e| format!("request failed: {e}"))?.status().as_u16();
     if check.expect.contains(status) { Ok(()) } else { Err(format!("status {status}")) }
 }
 

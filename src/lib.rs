@@ -8,7 +8,9 @@
 //!   backend.
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
-//! - [`upstream`], [`forward`], [`proxy`]: the request path.
+//! - [`transport`], [`upstream`], [`forward`], [`proxy`]: the request path
+//!   (TLS and HTTP/2 to backends included).
+//! - [`tunnel`]: upgraded connections (WebSocket), copied both ways.
 //! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
 //!   certificates and the rustls configuration; [`redirect`]: listeners that
 //!   send every request to HTTPS.
@@ -43,6 +45,8 @@ pub mod server;
 pub mod sketch;
 pub mod snapshot;
 pub mod tls;
+pub mod transport;
+pub mod tunnel;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -70,6 +74,9 @@ pub struct Runtime {
     pub(crate) reloads: std::sync::Mutex<reload::History>,
     events: std::sync::Mutex<std::collections::VecDeque<Event>>,
     config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Upgraded connections (WebSocket), which outlive their listener's
+    /// connection handling.
+    pub(crate) tunnels: Arc<tunnel::Tunnels>,
 }
 
 /// Something an operator wants marked on the dashboard's timeline.
@@ -104,6 +111,7 @@ impl Runtime {
             reloads: Default::default(),
             events: Default::default(),
             config_path: Default::default(),
+            tunnels: Default::default(),
         }))
     }
 
@@ -137,6 +145,26 @@ impl Runtime {
         let version = snap.version;
         self.install(snap);
         Ok(version)
+    }
+
+    /// Graceful shutdown of everything within `deadline`: the listeners stop
+    /// accepting and drain their requests while upgraded connections are
+    /// waited for; what is left at the deadline is closed. Returns whether
+    /// everything finished in time.
+    pub async fn shutdown(&self, deadline: std::time::Duration) -> bool {
+        let server = async {
+            match self.server() {
+                Some(server) => server.shutdown(deadline).await,
+                None => true,
+            }
+        };
+        let (served, tunnels) = tokio::join!(server, self.tunnels.drain(deadline));
+        served && tunnels
+    }
+
+    /// Upgraded (WebSocket) connections open now.
+    pub fn upgraded_connections(&self) -> usize {
+        self.tunnels.open()
     }
 
     pub fn uptime(&self) -> std::time::Duration {

@@ -28,8 +28,11 @@ pub struct BackendKey {
 #[derive(Debug)]
 pub struct BackendLive {
     pub key: BackendKey,
-    /// Requests sent and not yet finished (response body done or dropped).
+    /// Requests sent and not yet finished (response body done or dropped,
+    /// upgraded connection closed).
     pub in_flight: AtomicU64,
+    /// Upgraded (WebSocket) connections open now.
+    pub upgraded: AtomicU64,
     pub requests: AtomicU64,
     /// Requests that failed at this backend (connect, reset, timeout, 5xx gateway).
     pub errors: AtomicU64,
@@ -61,6 +64,7 @@ impl BackendLive {
         BackendLive {
             key,
             in_flight: AtomicU64::new(0),
+            upgraded: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             responses: Default::default(),

@@ -135,6 +135,13 @@ pub fn render(rt: &Runtime) -> String {
             f.sample("tether_backend_in_flight", &[("pool", &p.name), ("backend", &b.name)], b.live.in_flight());
         }
     }
+    f.header("tether_upgraded_connections", "gauge", "Upgraded (WebSocket) connections open to the backend.");
+    for p in &snap.pools {
+        for b in &p.backends {
+            let n = load(&b.live.upgraded);
+            f.sample("tether_upgraded_connections", &[("pool", &p.name), ("backend", &b.name)], n);
+        }
+    }
     f.header("tether_backend_affinity_holders", "gauge", "Approximate distinct affinity holders seen recently.");
     for p in &snap.pools {
         for b in &p.backends {

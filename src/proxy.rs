@@ -11,14 +11,16 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 
 use crate::Runtime;
 use crate::config::OnUnavailable;
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
+use crate::live::InFlight;
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
 use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
 use crate::upstream::{Body, ConnectError, SendError};
@@ -46,6 +48,8 @@ pub enum ProxyError {
     PinnedUnavailable,
     Connect(ConnectError),
     Upstream(hyper::Error),
+    /// The backend switched protocols for a request that did not ask to.
+    UnaskedSwitch,
     Timeout,
 }
 
@@ -54,7 +58,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoBackend | ProxyError::PinnedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -66,7 +70,7 @@ impl ProxyError {
             ProxyError::NoBackend => "no backend available\n",
             ProxyError::PinnedUnavailable => "your session's backend is unavailable; retry later\n",
             ProxyError::Connect(_) => "bad gateway: backend unreachable\n",
-            ProxyError::Upstream(_) => "bad gateway: backend failed\n",
+            ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => "bad gateway: backend failed\n",
             ProxyError::Timeout => "gateway timeout: backend did not answer in time\n",
         }
     }
@@ -85,6 +89,7 @@ impl std::fmt::Display for ProxyError {
         match self {
             ProxyError::Connect(e) => write!(f, "{e}"),
             ProxyError::Upstream(e) => write!(f, "backend error: {e}"),
+            ProxyError::UnaskedSwitch => f.write_str("backend switched protocols unasked"),
             other => f.write_str(other.message().trim_end()),
         }
     }
@@ -146,7 +151,7 @@ async fn proxy(
     runtime: &Runtime,
     snap: &Snapshot,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     placed: &mut Placement,
     start: Instant,
 ) -> Result<Response<Body>, ProxyError> {
@@ -174,6 +179,10 @@ async fn proxy(
         AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
         _ => None,
     };
+    // A WebSocket (or other) upgrade: the client's side of the tunnel, once
+    // the backend agrees with a 101.
+    let upgrade = forward::upgrade_protocol(&req);
+    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let mut req = req.map(|b| b.boxed());
     forward::upstream_request(
         &mut req,
@@ -182,6 +191,7 @@ async fn proxy(
             https: conn.https,
             affinity_cookie,
             affinity: sel.outcome.as_str(),
+            upgrade,
         },
     );
     let replay = Replay::prepare(&mut req, pool.retries).await;
@@ -193,18 +203,29 @@ async fn proxy(
         placed.outcome = Some(sel.outcome);
         placed.attempts += 1;
         let in_flight = backend.live.start_request();
-        let sent =
-            tokio::time::timeout(pool.response_timeout, backend.live.upstream.send(req, pool.connect_timeout)).await;
+        let transport = &backend.transport;
+        forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
+        let send = backend.live.upstream.send(req, transport, pool.connect_timeout);
+        let sent = tokio::time::timeout(pool.response_timeout, send).await;
         let failure = match sent {
-            Ok(Ok((resp, connection))) => {
+            Ok(Ok((mut resp, connection))) => {
                 let status = resp.status();
                 if is_gateway_failure(status) {
                     passive_failure(runtime, pool, backend, &format!("status {}", status.as_u16()));
                 } else {
                     backend.live.health.record_success();
                 }
-                let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());
                 let cookie = if sel.set_cookie { backend.set_cookie_for(conn.https) } else { None };
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    // The backend's connection now belongs to the tunnel: it
+                    // is dropped here, never pooled.
+                    drop(connection);
+                    break switch(runtime, pool, resp, client_upgrade.take(), in_flight, cookie);
+                }
+                // hyper answers in the client's version anyway; an HTTP/2
+                // version from an h2 backend would only make it warn.
+                *resp.version_mut() = Version::HTTP_11;
+                let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());
                 forward::downstream_response(&mut resp, cookie);
                 break Ok(resp);
             }
@@ -258,6 +279,24 @@ async fn proxy(
     pool.backends[sel.backend].live.responses.record(status.as_u16());
     pool.live.durations.observe(start.elapsed());
     result
+}
+
+/// Relays a backend's `101 Switching Protocols` and hands both upgraded
+/// connections to a tunnel, which keeps `in_flight` until it closes.
+fn switch(
+    runtime: &Runtime,
+    pool: &Pool,
+    mut resp: Response<Incoming>,
+    client: Option<OnUpgrade>,
+    in_flight: InFlight,
+    set_cookie: Option<&HeaderValue>,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(client) = client else { return Err(ProxyError::UnaskedSwitch) };
+    let backend = hyper::upgrade::on(&mut resp);
+    runtime.tunnels.spawn(client, backend, pool.idle_timeout, in_flight);
+    let mut resp = resp.map(|_| empty_body());
+    forward::downstream_switch(&mut resp, set_cookie);
+    Ok(resp)
 }
 
 /// 502, 503 and 504 from a backend count as its failures (passive health).

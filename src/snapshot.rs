@@ -23,6 +23,7 @@ use crate::config::{
 };
 use crate::live::{BackendKey, BackendLive, PoolLive, Registry};
 use crate::routing::Router;
+use crate::transport::{self, Transport};
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -80,6 +81,8 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Upgraded connections idle this long are closed.
+    pub idle_timeout: Duration,
     pub health: Option<HealthCheck>,
     pub passive: Passive,
     /// Other backends tried after a failure that allows a retry.
@@ -148,6 +151,8 @@ pub struct Backend {
     pub set_cookie: Option<HeaderValue>,
     /// ... and for TLS listeners (with `Secure` unless `secure = false`).
     pub set_cookie_tls: Option<HeaderValue>,
+    /// How to connect: TLS, protocol (built once here).
+    pub transport: Arc<Transport>,
     pub live: Arc<BackendLive>,
 }
 
@@ -221,10 +226,14 @@ impl Pool {
 /// Compiles a validated configuration. Fails only on what validation cannot
 /// see (such as two backend names whose cookie ids collide).
 pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapshot, String> {
+    for w in &cfg.warnings {
+        tracing::warn!(target: "tether::config", "{w}");
+    }
     let pool_index = |name: &str| cfg.pools.iter().position(|p| p.name == name);
     let mut pools = Vec::with_capacity(cfg.pools.len());
+    let mut transports = transport::Builder::default();
     for p in &cfg.pools {
-        pools.push(compile_pool(&p.name, &p.value, registry)?);
+        pools.push(compile_pool(&p.name, &p.value, registry, &mut transports)?);
     }
     let mut listeners = Vec::with_capacity(cfg.listeners.len());
     for l in &cfg.listeners {
@@ -293,7 +302,12 @@ fn compile_tls(listener: &str, t: &config::TlsSection) -> Result<Arc<TlsSpec>, S
     }))
 }
 
-fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Result<Pool, String> {
+fn compile_pool(
+    name: &str,
+    p: &config::PoolSection,
+    registry: &Registry,
+    transports: &mut transport::Builder,
+) -> Result<Pool, String> {
     let codec = CookieCodec::new(name, p.cookie.name.get_ref(), p.cookie.resolved_secret.as_deref());
     let mut backends = Vec::with_capacity(p.backends.len());
     for b in &p.backends {
@@ -319,6 +333,9 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
             cookie_value: cookie_value.into_boxed_str(),
             set_cookie,
             set_cookie_tls,
+            transport: transports
+                .build(&b.transport, b.addr.get_ref().0)
+                .map_err(|e| format!("pool `{name}` backend `{bname}`: {e}"))?,
             live,
         });
     }
@@ -364,6 +381,7 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
         backends,
         connect_timeout: p.timeouts.connect.0,
         response_timeout: p.timeouts.response.0,
+        idle_timeout: p.timeouts.idle.0,
         health: p.health.as_ref().map(|h| HealthCheck {
             kind: h.kind,
             path: h.path.get_ref().clone(),

@@ -1,50 +1,30 @@
-//! Keep-alive HTTP/1.1 connections to one backend.
+//! Connections to one backend: keep-alive HTTP/1.1 connections, or one
+//! shared, multiplexed HTTP/2 connection (made again when it closes).
 //!
 //! tether keeps its own small pool instead of a generic client because
 //! failover must know whether a request reached the backend: when a
-//! connection cannot be made (or a pooled one turns out closed before the
-//! request was written) the request comes back untouched as
+//! connection cannot be made (or a pooled or shared one turns out closed
+//! before the request was written) the request comes back untouched as
 //! [`SendError::NotSent`] and may be sent to another backend, whatever its
 //! method or body. Once it may have been written, it is [`SendError::Failed`].
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-/// The body type of requests sent upstream and responses sent downstream.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+use crate::config::Protocol;
+use crate::transport::Transport;
+pub use crate::transport::{Body, ConnectError};
 
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per backend; more are closed.
 const MAX_IDLE: usize = 512;
-
-/// Why no request was sent.
-#[derive(Debug)]
-pub enum ConnectError {
-    Timeout,
-    Io(std::io::Error),
-    Handshake(hyper::Error),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Timeout => f.write_str("connect timeout"),
-            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => f.write_str("connect refused"),
-            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
-            ConnectError::Handshake(e) => write!(f, "connection failed before sending: {e}"),
-        }
-    }
-}
 
 #[derive(Debug)]
 pub enum SendError {
@@ -54,32 +34,76 @@ pub enum SendError {
     Failed(hyper::Error),
 }
 
-/// A connection ready for the next request once the current response body
-/// has been read to the end; give it back with [`Upstream::put_back`].
-pub type Connection = http1::SendRequest<Body>;
+/// An HTTP/1.1 connection, ready for the next request once the current
+/// response body has been read to the end; give it back with
+/// [`Upstream::put_back`]. Never given back after an upgrade.
+#[derive(Debug)]
+pub struct Connection {
+    sender: http1::SendRequest<Body>,
+    /// Of the transport it was made with.
+    fingerprint: u64,
+}
 
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
     idle: Mutex<Vec<(Connection, Instant)>>,
+    /// The shared HTTP/2 connection and its transport's fingerprint.
+    shared: Mutex<Option<(http2::SendRequest<Body>, u64)>>,
+    /// One HTTP/2 connection attempt at a time: requests arriving meanwhile
+    /// wait for it instead of each opening a connection.
+    connecting: tokio::sync::Mutex<Attempts>,
+    /// `Attempts::made`, readable without waiting.
+    attempts_made: AtomicU64,
+}
+
+/// HTTP/2 connection attempts so far, and why the last one failed.
+#[derive(Debug, Default)]
+struct Attempts {
+    made: u64,
+    last_error: Option<String>,
 }
 
 impl Upstream {
     pub fn new(addr: SocketAddr) -> Self {
-        Upstream { addr, idle: Mutex::new(Vec::new()) }
+        Upstream {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+            connecting: Default::default(),
+            attempts_made: AtomicU64::new(0),
+        }
     }
 
-    /// Sends a request on a pooled connection, or a new one.
+    /// Sends a request the way `transport` says. An HTTP/1.1 response comes
+    /// with its connection, to give back once its body is read.
     pub async fn send(
         &self,
+        request: Request<Body>,
+        transport: &Transport,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Option<Connection>), SendError> {
+        match transport.protocol {
+            Protocol::Http1 => {
+                let (resp, conn) = self.send_h1(request, transport, connect_timeout).await?;
+                Ok((resp, Some(conn)))
+            }
+            Protocol::H2 => Ok((self.send_h2(request, transport, connect_timeout).await?, None)),
+        }
+    }
+
+    /// On a pooled connection, or a new one.
+    async fn send_h1(
+        &self,
         mut request: Request<Body>,
+        transport: &Transport,
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Connection), SendError> {
-        while let Some(mut conn) = self.take_idle() {
-            if conn.ready().await.is_err() {
+        while let Some(mut conn) = self.take_idle(transport.fingerprint) {
+            if conn.sender.ready().await.is_err() {
                 continue; // closed by the backend while idle
             }
-            match conn.try_send_request(request).await {
+            match conn.sender.try_send_request(request).await {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(req) => request = req, // never written: try the next one
@@ -87,25 +111,84 @@ impl Upstream {
                 },
             }
         }
-        let mut conn = match self.connect(connect_timeout).await {
+        let sender = match transport.connect_h1(self.addr, connect_timeout).await {
+            Ok(s) => s,
+            Err(cause) => return Err(SendError::NotSent { request: Box::new(request), cause }),
+        };
+        let mut conn = Connection { sender, fingerprint: transport.fingerprint };
+        match conn.sender.try_send_request(request).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) => Err(not_sent_or_failed(e)),
+        }
+    }
+
+    /// On the shared connection; a new one when it has closed.
+    async fn send_h2(
+        &self,
+        mut request: Request<Body>,
+        transport: &Transport,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        if let Some(mut shared) = self.shared_h2(transport.fingerprint) {
+            match shared.try_send_request(request).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => request = req, // closed before it was sent
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+        let mut conn = match self.connect_h2(transport, connect_timeout).await {
             Ok(c) => c,
             Err(cause) => return Err(SendError::NotSent { request: Box::new(request), cause }),
         };
-        match conn.try_send_request(request).await {
-            Ok(resp) => Ok((resp, conn)),
-            Err(mut e) => match e.take_message() {
-                Some(request) => Err(SendError::NotSent {
-                    request: Box::new(request),
-                    cause: ConnectError::Handshake(e.into_error()),
-                }),
-                None => Err(SendError::Failed(e.into_error())),
-            },
+        conn.try_send_request(request).await.map_err(not_sent_or_failed)
+    }
+
+    /// The shared connection once one is open: made here, or by the
+    /// attempt this request waited for. When that attempt failed, so does
+    /// this request, at once and with the same reason.
+    async fn connect_h2(
+        &self,
+        transport: &Transport,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let seen = self.attempts_made.load(Ordering::Acquire);
+        let mut attempts = self.connecting.lock().await;
+        if let Some(shared) = self.shared_h2(transport.fingerprint) {
+            return Ok(shared);
+        }
+        if attempts.made != seen
+            && let Some(reason) = &attempts.last_error
+        {
+            return Err(ConnectError::Other(reason.clone()));
+        }
+        let result = transport.connect_h2(self.addr, connect_timeout).await;
+        attempts.made += 1;
+        self.attempts_made.store(attempts.made, Ordering::Release);
+        match &result {
+            Ok(conn) => {
+                attempts.last_error = None;
+                *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), transport.fingerprint));
+            }
+            Err(e) => attempts.last_error = Some(e.to_string()),
+        }
+        result
+    }
+
+    /// A clone of the shared connection if it is open and was made with
+    /// this transport.
+    fn shared_h2(&self, fingerprint: u64) -> Option<http2::SendRequest<Body>> {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        match &*shared {
+            Some((s, fp)) if *fp == fingerprint && !s.is_closed() => Some(s.clone()),
+            _ => None,
         }
     }
 
     /// Returns a connection whose response was read completely.
     pub fn put_back(&self, conn: Connection) {
-        if conn.is_closed() {
+        if conn.sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,32 +202,26 @@ impl Upstream {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// The most recently used live connection (LIFO keeps few connections warm).
-    fn take_idle(&self) -> Option<Connection> {
+    /// The most recently used live connection made with this transport
+    /// (LIFO keeps few connections warm); others are closed.
+    fn take_idle(&self, fingerprint: u64) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if !conn.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if conn.fingerprint == fingerprint && !conn.sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(conn);
             }
         }
         None
     }
+}
 
-    async fn connect(&self, timeout: Duration) -> Result<Connection, ConnectError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Err(_) => return Err(ConnectError::Timeout),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
-        let (conn, driver) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ConnectError::Handshake)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = driver.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "backend connection ended with an error");
-            }
-        });
-        Ok(conn)
+/// A send on a brand-new connection that failed: the request is handed back
+/// when it was never written.
+fn not_sent_or_failed(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> SendError {
+    match e.take_message() {
+        Some(request) => {
+            SendError::NotSent { request: Box::new(request), cause: ConnectError::Handshake(e.into_error()) }
+        }
+        None => SendError::Failed(e.into_error()),
     }
 }

@@ -106,3 +106,16 @@ async fn serve_proxies_until_sigterm_and_then_exits_0() {
     let log = rest.await.unwrap();
     assert!(log.contains("shutting down"), "{log}");
 }
+
+#[test]
+fn check_prints_warnings_with_their_position_and_still_accepts() {
+    let config = TempConfig::new(
+        "[listeners.web]\nlisten = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\n[pools.app]\ntls = true\ninsecure_skip_verify = true\n\n\
+         [[pools.app.backends]]\nname = \"a\"\naddr = \"127.0.0.1:9001\"\n",
+    );
+    let (code, stdout) = check(config.path());
+    assert_eq!(code, Some(0), "{stdout}");
+    let expected = format!("{}:7:24: warning: insecure_skip_verify = true in pool `app`", config.path());
+    assert!(stdout.starts_with(&expected), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("ok"));
+}

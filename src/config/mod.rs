@@ -11,6 +11,7 @@
 //! path: [`crate::snapshot`] compiles them into the runtime form.
 
 mod tls;
+mod transport;
 mod types;
 mod validate;
 
@@ -103,8 +104,9 @@ pub fn parse(name: &str, text: &str, base_dir: Option<&Path>) -> Result<Config, 
         }
     }
     let base = base_dir.map(Path::to_path_buf).unwrap_or_default();
-    let config = validate::validate(file, &base, &mut errs);
+    let mut config = validate::validate(file, &base, &mut errs);
     if errs.list.is_empty() {
+        config.warnings = errs.warnings;
         Ok(config)
     } else {
         errs.list.sort_by_key(|e| (e.line, e.col));
@@ -121,16 +123,23 @@ pub(crate) struct Errors<'a> {
     /// their error is already reported, so they are neither missing nor
     /// unknown to references.
     pub(crate) unparsed: Vec<(String, String)>,
+    pub(crate) warnings: Vec<ConfigError>,
 }
 
 impl<'a> Errors<'a> {
     fn new(file: &'a str, text: &'a str) -> Self {
-        Errors { file, text, list: Vec::new(), unparsed: Vec::new() }
+        Errors { file, text, list: Vec::new(), unparsed: Vec::new(), warnings: Vec::new() }
     }
 
     pub(crate) fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, col) = line_col(self.text, span.start);
         self.list.push(ConfigError { file: self.file.to_string(), line, col, message: message.into() });
+    }
+
+    /// Something allowed but dangerous: reported, not rejected.
+    pub(crate) fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.warnings.push(ConfigError { file: self.file.to_string(), line, col, message: message.into() });
     }
 
     fn toml(&mut self, e: &toml::de::Error) {
@@ -198,3 +207,5 @@ pub struct Source {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_tests;

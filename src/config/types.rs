@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+use super::ConfigError;
+
 /// A whole, validated configuration.
 #[derive(Debug, Default)]
 pub struct Config {
@@ -20,6 +22,9 @@ pub struct Config {
     pub listeners: Vec<Named<ListenerSection>>,
     pub routes: Vec<RouteSection>,
     pub pools: Vec<Named<PoolSection>>,
+    /// What is allowed but dangerous (such as `insecure_skip_verify`), as
+    /// `file:line:col` messages to print or log.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// An entry of a table of named tables, with the span of its name.
@@ -156,6 +161,17 @@ pub struct PoolSection {
     /// clients over this time. Absent: full share at once.
     #[serde(default)]
     pub slow_start: Option<Dur>,
+    /// Backend transport defaults of the pool; a backend's own keys win.
+    #[serde(default)]
+    pub tls: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<Protocol>>,
     #[serde(default)]
     pub backends: Vec<BackendSection>,
 }
@@ -415,11 +431,18 @@ pub struct PoolTimeouts {
     pub connect: Dur,
     /// From sending the request to the backend's response headers. Default 60 s.
     pub response: Dur,
+    /// An upgraded connection (WebSocket) that carries nothing either way
+    /// for this long is closed. Default 10 min.
+    pub idle: Dur,
 }
 
 impl Default for PoolTimeouts {
     fn default() -> Self {
-        PoolTimeouts { connect: Dur(Duration::from_secs(5)), response: Dur(Duration::from_secs(60)) }
+        PoolTimeouts {
+            connect: Dur(Duration::from_secs(5)),
+            response: Dur(Duration::from_secs(60)),
+            idle: Dur(Duration::from_secs(600)),
+        }
     }
 }
 
@@ -434,6 +457,68 @@ pub struct BackendSection {
     pub weight: Spanned<u32>,
     #[serde(default)]
     pub state: BackendState,
+    /// Transport keys; unset ones take the pool's value.
+    #[serde(default)]
+    pub tls: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<Protocol>>,
+    /// How tether reaches this backend, resolved by validation from the
+    /// backend's and the pool's keys (with the CA file read).
+    #[serde(skip)]
+    pub transport: TransportSpec,
+}
+
+/// The HTTP version tether speaks to a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive (and upgrades such as WebSocket).
+    #[default]
+    Http1,
+    /// HTTP/2: by prior knowledge over cleartext, negotiated by ALPN over TLS.
+    H2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        }
+    }
+}
+
+/// A backend's resolved transport: plain data, compared across reloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransportSpec {
+    pub protocol: Protocol,
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    /// The name sent as SNI and verified against the certificate; `None`:
+    /// the backend's IP address (no SNI is sent for an IP, and the
+    /// certificate must list the IP in its subjectAltName).
+    pub server_name: Option<String>,
+    pub verify: Verify,
+}
+
+/// How a backend's certificate is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// Against the Mozilla roots shipped in the binary (webpki-roots).
+    WebPki,
+    /// Against the certificates of a CA file (PEM), read at load.
+    CaFile { path: PathBuf, certs: Vec<rustls::pki_types::CertificateDer<'static>> },
+    /// Not at all (`insecure_skip_verify = true`).
+    Off,
 }
 
 /// An operator's intent for a backend.

@@ -121,6 +121,7 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
                 errs.at(b.weight.span(), format!("weight must be between 0 and {MAX_WEIGHT}"));
             }
         }
+        super::transport::resolve(&pool.name, p, base_dir, errs);
         if p.affinity == Affinity::Hash && p.hash.is_none() {
             errs.at(
                 pool.span.clone(),
@@ -154,6 +155,9 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
                     format!("pool `{}`: health interval must be at least 10ms and timeout above 0", pool.name),
                 );
             }
+        }
+        if p.timeouts.idle.0.is_zero() {
+            errs.at(pool.span.clone(), format!("pool `{}`: timeouts.idle must be above 0", pool.name));
         }
         if p.passive.enabled && *p.passive.consecutive_failures.get_ref() == 0 {
             errs.at(

@@ -20,9 +20,13 @@
 //!   reqwest; build any other client from [`client_builder`].
 //! - [`wait_for`]: polls a condition (the only place a test sleeps).
 //! - [`tls`]: a test CA, certificate files, HTTPS clients.
+//! - [`servers`]: TLS and HTTP/2 backends, a test CA; [`ws`]: WebSocket
+//!   backends and clients.
 #![allow(dead_code)]
 
+pub mod servers;
 pub mod tls;
+pub mod ws;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -585,9 +589,10 @@ impl Tether {
         b.cookie_value.to_string()
     }
 
-    /// Graceful shutdown; whether everything finished within `deadline`.
+    /// Graceful shutdown (connections and upgraded connections); whether
+    /// everything finished within `deadline`.
     pub async fn shutdown(self, deadline: Duration) -> bool {
-        self.server.shutdown(deadline).await
+        self.runtime.shutdown(deadline).await
     }
 }
 
