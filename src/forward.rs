@@ -80,7 +80,11 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// What the upstream request needs besides the client's request.
 pub struct Upstream<'a> {
-    pub client_ip: IpAddr,
+    /// The address the connection came from.
+    pub peer: IpAddr,
+    /// The peer is in `trusted_proxies`: its forwarding headers are kept
+    /// (the peer is appended to `X-Forwarded-For`).
+    pub trusted_peer: bool,
     pub https: bool,
     pub affinity_cookie: Option<&'a str>,
     pub affinity: &'static str,
@@ -102,24 +106,25 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         headers.insert(header::HOST, h);
     }
     let host = headers.get(header::HOST).cloned();
-    headers.insert(X_FORWARDED_FOR, ip_header(up.client_ip));
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if up.https { "https" } else { "http" }));
-    match host {
-        Some(h) => headers.insert(X_FORWARDED_HOST, h),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+    let forwarded_for = crate::forwarded_for::header_value(up.trusted_peer, up.peer, headers);
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    // A trusted proxy in front knows the original scheme and host; a client's
+    // claims are replaced.
+    if !(up.trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if up.https { "https" } else { "http" }));
+    }
+    if !(up.trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => headers.insert(X_FORWARDED_HOST, h),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+    }
     headers.insert(TETHER_AFFINITY, HeaderValue::from_static(up.affinity));
     let origin_form = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     if let Ok(uri) = origin_form.parse::<Uri>() {
         *req.uri_mut() = uri;
     }
     *req.version_mut() = Version::HTTP_11;
-}
-
-fn ip_header(ip: IpAddr) -> HeaderValue {
-    let ip = ip.to_canonical();
-    // An IP address is always a valid header value.
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Cleans a backend response and, when the client was just (re)assigned,
@@ -177,8 +182,18 @@ impl HttpBody for ProxyBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
-            // A broken body means a broken connection: never reuse it.
-            Poll::Ready(Some(Err(_))) => self.conn = None,
+            // A broken body means a broken connection: never reuse it. The
+            // error goes on to hyper, which aborts the client's response
+            // (no final chunk, or fewer bytes than its Content-Length).
+            Poll::Ready(Some(Err(e))) => {
+                self.conn = None;
+                let live = self.in_flight.live();
+                live.count_failure(crate::live::Failure::Aborted);
+                tracing::warn!(
+                    pool = %live.key.pool, backend = %live.key.name, error = %e,
+                    "backend response broke off mid-body; client response aborted"
+                );
+            }
             _ => {}
         }
         polled
@@ -211,7 +226,8 @@ mod tests {
             .body(())
             .unwrap();
         let up = Upstream {
-            client_ip: "127.0.0.2".parse().unwrap(),
+            peer: "127.0.0.2".parse().unwrap(),
+            trusted_peer: false,
             https: false,
             affinity_cookie: Some("tether"),
             affinity: "kept",
@@ -246,7 +262,13 @@ mod tests {
     #[test]
     fn h2_request_gets_host_from_its_authority() {
         let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
-        let up = Upstream { client_ip: "::1".parse().unwrap(), https: true, affinity_cookie: None, affinity: "new" };
+        let up = Upstream {
+            peer: "::1".parse().unwrap(),
+            trusted_peer: false,
+            https: true,
+            affinity_cookie: None,
+            affinity: "new",
+        };
         upstream_request(&mut req, &up);
         assert_eq!(req.headers().get("host").unwrap(), "a.example.com:8080");
         assert_eq!(req.headers().get("x-forwarded-proto").unwrap(), "https");

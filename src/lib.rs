@@ -8,7 +8,8 @@
 //!   backend.
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
-//! - [`upstream`], [`forward`], [`proxy`]: the request path.
+//! - [`upstream`], [`forward`], [`proxy`]: the request path;
+//!   [`forwarded_for`] and [`cidr`]: whose `X-Forwarded-For` is believed.
 //! - [`server`]: listeners, connections, graceful shutdown.
 //! - [`demo`]: the demo app server with in-memory sessions, and `tether demo`.
 //! - [`cli`]: what `main.rs` calls.
@@ -22,10 +23,12 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod forwarded_for;
 pub mod health;
 pub mod impact;
 pub mod live;

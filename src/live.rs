@@ -35,6 +35,8 @@ pub struct BackendLive {
     pub errors: AtomicU64,
     /// Responses by status code (including tether's own 502/504 for it).
     pub responses: crate::metrics::StatusCounts,
+    /// Faults of this backend by [`Failure`] index.
+    pub failures: [AtomicU64; Failure::COUNT],
     /// Active checks and passive ejection.
     pub health: Health,
     pub checks_ok: AtomicU64,
@@ -64,6 +66,7 @@ impl BackendLive {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             responses: Default::default(),
+            failures: Default::default(),
             health: Health::default(),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
@@ -153,6 +156,10 @@ impl BackendLive {
         self.state_override.load(Ordering::Relaxed) != NO_OVERRIDE
     }
 
+    pub fn count_failure(&self, failure: Failure) {
+        self.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -162,6 +169,44 @@ impl BackendLive {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
+    }
+}
+
+/// How a backend failed a request (the `reason` of
+/// `tether_backend_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made; nothing was sent.
+    Connect,
+    /// No response headers within the response timeout (504).
+    Timeout,
+    /// The connection closed or reset before a complete response head (502).
+    Closed,
+    /// The response head was not valid HTTP/1.1 (502).
+    InvalidResponse,
+    /// The response body broke off after its head was forwarded: the
+    /// client's response is aborted, never ended as if complete.
+    Aborted,
+}
+
+impl Failure {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Failure; Failure::COUNT] =
+        [Failure::Connect, Failure::Timeout, Failure::Closed, Failure::InvalidResponse, Failure::Aborted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Closed => "closed",
+            Failure::InvalidResponse => "invalid_response",
+            Failure::Aborted => "aborted",
+        }
+    }
+
+    /// A send that failed after the request may have been written.
+    pub fn of_send_error(e: &hyper::Error) -> Failure {
+        if e.is_parse() || e.is_parse_status() { Failure::InvalidResponse } else { Failure::Closed }
     }
 }
 

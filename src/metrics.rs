@@ -135,6 +135,16 @@ pub fn render(rt: &Runtime) -> String {
             f.sample("tether_backend_in_flight", &[("pool", &p.name), ("backend", &b.name)], b.live.in_flight());
         }
     }
+    f.header("tether_backend_failures_total", "counter", "Backend faults by reason (see README).");
+    for p in &snap.pools {
+        for b in &p.backends {
+            for failure in crate::live::Failure::ALL {
+                let n = load(&b.live.failures[failure as usize]);
+                let labels = [("pool", &*p.name), ("backend", &*b.name), ("reason", failure.as_str())];
+                f.sample("tether_backend_failures_total", &labels, n);
+            }
+        }
+    }
     f.header("tether_backend_affinity_holders", "gauge", "Approximate distinct affinity holders seen recently.");
     for p in &snap.pools {
         for b in &p.backends {

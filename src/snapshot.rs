@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub routes_fingerprint: u64,
     pub pools: Vec<Pool>,
     pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (see [`crate::forwarded_for`]).
+    pub trusted_proxies: crate::cidr::CidrSet,
     pub admin: Option<AdminSpec>,
     pub access_log: crate::access_log::AccessLog,
 }
@@ -240,6 +242,7 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
         access_log: registry.access_logs.get(&cfg.log.access, cfg.log.format)?,
         pools,
         shutdown_timeout: cfg.timeouts.shutdown.0,
+        trusted_proxies: crate::cidr::CidrSet::new(cfg.forwarding.resolved_trusted_proxies.iter().copied()),
         admin: cfg.admin.as_ref().map(|a| AdminSpec { listen: a.listen.get_ref().0, token: a.resolved_token.clone() }),
     })
 }

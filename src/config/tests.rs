@@ -382,3 +382,22 @@ fn bad_durations_are_rejected_with_an_example() {
         assert!(err.contains(&format!("invalid duration `{bad}`")) && err.contains("250ms"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn trusted_proxies_parse_as_networks() {
+    let text = format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\"]\n\n{VALID}");
+    let cfg = parse("t.toml", &text, None).unwrap();
+    let nets: Vec<String> = cfg.forwarding.resolved_trusted_proxies.iter().map(|c| c.to_string()).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+    assert!(parse("t.toml", VALID, None).unwrap().forwarding.trusted_proxies.is_empty());
+}
+
+#[test]
+fn a_bad_trusted_proxy_network_is_reported_at_the_value() {
+    let text = format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n\n{VALID}");
+    assert_one_error_at(&text, "\"10.0.0.0/33\"", "invalid network `10.0.0.0/33`: prefix length above 32");
+    let text = format!("[forwarding]\ntrusted_proxies = [\"proxy.internal\"]\n\n{VALID}");
+    assert_one_error_at(&text, "\"proxy.internal\"", "not an IP address");
+    let text = format!("[forwarding]\ntrusted_proxy = [\"10.0.0.0/8\"]\n\n{VALID}");
+    assert_one_error_at(&text, "trusted_proxy", "unknown field `trusted_proxy`");
+}

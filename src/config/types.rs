@@ -17,6 +17,7 @@ pub struct Config {
     pub admin: Option<AdminSection>,
     pub log: LogSection,
     pub timeouts: GlobalTimeouts,
+    pub forwarding: ForwardingSection,
     pub listeners: Vec<Named<ListenerSection>>,
     pub routes: Vec<RouteSection>,
     pub pools: Vec<Named<PoolSection>>,
@@ -99,6 +100,19 @@ impl Default for GlobalTimeouts {
     fn default() -> Self {
         GlobalTimeouts { shutdown: Dur(Duration::from_secs(30)) }
     }
+}
+
+/// `[forwarding]`: whose forwarding headers tether believes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardingSection {
+    /// Peers whose `X-Forwarded-For` (and `-Proto`, `-Host`) are kept and
+    /// followed to find the client, as networks (`"10.0.0.0/8"`) or single
+    /// addresses. Empty (default): every peer is the client.
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// `trusted_proxies` parsed by validation.
+    #[serde(skip)]
+    pub resolved_trusted_proxies: Vec<crate::cidr::Cidr>,
 }
 
 #[derive(Debug, Deserialize)]

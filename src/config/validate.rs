@@ -68,6 +68,13 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         *p = base_dir.join(&*p);
     }
 
+    for net in &cfg.forwarding.trusted_proxies {
+        match crate::cidr::Cidr::parse(net.get_ref()) {
+            Ok(cidr) => cfg.forwarding.resolved_trusted_proxies.push(cidr),
+            Err(msg) => errs.at(net.span(), msg),
+        }
+    }
+
     let mut listen_addrs = HashSet::new();
     for l in &cfg.listeners {
         let addr = l.value.listen.get_ref().0;
