@@ -351,7 +351,7 @@ proptest! {
         let g = weights.iter().copied().filter(|&w| w > 0).fold(0u32, |a, b| if a == 0 { b } else { gcd(a, b) });
         for (i, &w) in weights.iter().enumerate() {
             let count = seq.iter().filter(|&&b| b as usize == i).count() as u32;
-            prop_assert_eq!(count, if g == 0 { 0 } else { w / g });
+            prop_assert_eq!(count, w.checked_div(g).unwrap_or(0));
         }
     }
 
@@ -426,7 +426,7 @@ proptest! {
             let mut sorted = walk.clone();
             sorted.sort_unstable();
             prop_assert_eq!(&sorted, &weighted, "each backend with weight exactly once");
-            let usable = |i: usize| i % 2 == 0;
+            let usable = |i: usize| i.is_multiple_of(2);
             let load = |i: usize| (h as usize ^ i) as u64 % 7;
             match a.pick_bounded(h, 1.25, 10, 10, |i| entries[i].1, load, usable) {
                 Some(i) => prop_assert!(usable(i) && entries[i].1 > 0),
