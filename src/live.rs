@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use crate::config::BackendState;
 use crate::health::Health;
@@ -30,6 +33,12 @@ pub struct BackendLive {
     pub key: BackendKey,
     /// Requests sent and not yet finished (response body done or dropped).
     pub in_flight: AtomicU64,
+    /// Requests waiting for this backend to drop below `max_connections`.
+    pub queued: AtomicU64,
+    /// Requests that waited in that queue past the queue timeout.
+    pub queue_timeouts: AtomicU64,
+    /// Woken when a request finishes, for the queue.
+    finished: Notify,
     pub requests: AtomicU64,
     /// Requests that failed at this backend (connect, reset, timeout, 5xx gateway).
     pub errors: AtomicU64,
@@ -63,6 +72,9 @@ impl BackendLive {
         BackendLive {
             key,
             in_flight: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queue_timeouts: AtomicU64::new(0),
+            finished: Notify::new(),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             responses: Default::default(),
@@ -170,6 +182,39 @@ impl BackendLive {
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
+
+    /// Starts a request if fewer than `max` are in flight.
+    fn try_start_request(self: &Arc<Self>, max: u64) -> Option<InFlight> {
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(Arc::clone(self)))
+    }
+
+    /// Starts a request within `max` in flight (none: no limit), waiting
+    /// until `deadline` for one to finish; `None` when the wait timed out.
+    /// Waiters are woken in arrival order, one per finished request.
+    pub async fn start_request_within(self: &Arc<Self>, max: Option<u64>, deadline: Instant) -> Option<InFlight> {
+        let Some(max) = max else { return Some(self.start_request()) };
+        if let Some(guard) = self.try_start_request(max) {
+            return Some(guard);
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _queued = Queued(self);
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            // Registered before the check, so a request finishing in
+            // between is not missed.
+            finished.as_mut().enable();
+            if let Some(guard) = self.try_start_request(max) {
+                return Some(guard);
+            }
+            if tokio::time::timeout_at(deadline.into(), finished).await.is_err() {
+                self.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+    }
 }
 
 /// How a backend failed a request (the `reason` of
@@ -243,7 +288,17 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.finished.notify_one();
+    }
+}
+
+/// Counts a request as queued while it waits.
+struct Queued<'a>(&'a BackendLive);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

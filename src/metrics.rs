@@ -135,6 +135,19 @@ pub fn render(rt: &Runtime) -> String {
             f.sample("tether_backend_in_flight", &[("pool", &p.name), ("backend", &b.name)], b.live.in_flight());
         }
     }
+    f.header("tether_backend_queued", "gauge", "Requests waiting for a backend at its max_connections.");
+    for p in &snap.pools {
+        for b in &p.backends {
+            f.sample("tether_backend_queued", &[("pool", &p.name), ("backend", &b.name)], load(&b.live.queued));
+        }
+    }
+    f.header("tether_backend_queue_timeouts_total", "counter", "Requests that waited past the queue timeout (503).");
+    for p in &snap.pools {
+        for b in &p.backends {
+            let n = load(&b.live.queue_timeouts);
+            f.sample("tether_backend_queue_timeouts_total", &[("pool", &p.name), ("backend", &b.name)], n);
+        }
+    }
     f.header("tether_backend_failures_total", "counter", "Backend faults by reason (see README).");
     for p in &snap.pools {
         for b in &p.backends {

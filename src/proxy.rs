@@ -48,13 +48,17 @@ pub enum ProxyError {
     Connect(ConnectError),
     Upstream(hyper::Error),
     Timeout,
+    /// The backend stayed at its `max_connections` for the queue timeout.
+    QueueTimeout,
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend | ProxyError::PinnedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::PinnedUnavailable | ProxyError::QueueTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -69,12 +73,13 @@ impl ProxyError {
             ProxyError::Connect(_) => "bad gateway: backend unreachable\n",
             ProxyError::Upstream(_) => "bad gateway: backend failed\n",
             ProxyError::Timeout => "gateway timeout: backend did not answer in time\n",
+            ProxyError::QueueTimeout => "backend busy: too many requests waiting; retry later\n",
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let mut resp = plain_response(self.status(), self.message());
-        if matches!(self, ProxyError::PinnedUnavailable | ProxyError::NoBackend) {
+        if matches!(self, ProxyError::PinnedUnavailable | ProxyError::NoBackend | ProxyError::QueueTimeout) {
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         resp
@@ -201,7 +206,10 @@ async fn proxy(
         placed.backend = Some(backend.name.clone());
         placed.outcome = Some(sel.outcome);
         placed.attempts += 1;
-        let in_flight = backend.live.start_request();
+        let queue_deadline = Instant::now() + pool.queue_timeout;
+        let Some(in_flight) = backend.live.start_request_within(backend.max_connections, queue_deadline).await else {
+            break Err(ProxyError::QueueTimeout);
+        };
         let sent =
             tokio::time::timeout(pool.response_timeout, backend.live.upstream.send(req, pool.connect_timeout)).await;
         let failure = match sent {

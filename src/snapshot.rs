@@ -67,6 +67,8 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// How long a request waits for a backend at its `max_connections`.
+    pub queue_timeout: Duration,
     pub health: Option<HealthCheck>,
     pub passive: Passive,
     /// Other backends tried after a failure that allows a retry.
@@ -126,6 +128,8 @@ pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Most requests in flight at once; `None`: no limit.
+    pub max_connections: Option<u64>,
     /// The configured state; [`Backend::state`] applies runtime overrides.
     pub configured_state: BackendState,
     /// The affinity cookie value naming this backend (cookie pools).
@@ -149,6 +153,11 @@ impl Backend {
     /// The state in force (configured, or overridden at runtime).
     pub fn state(&self) -> BackendState {
         self.live.state(self.configured_state)
+    }
+
+    /// At its `max_connections`: a new request would have to queue.
+    pub fn is_full(&self) -> bool {
+        self.max_connections.is_some_and(|max| self.live.in_flight() >= max)
     }
 }
 
@@ -266,6 +275,7 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
             name: Arc::from(bname),
             addr: b.addr.get_ref().0,
             weight: *b.weight.get_ref(),
+            max_connections: b.max_connections.as_ref().map(|m| u64::from(*m.get_ref())),
             configured_state: b.state,
             cookie_value: cookie_value.into_boxed_str(),
             set_cookie,
@@ -314,6 +324,7 @@ fn compile_pool(name: &str, p: &config::PoolSection, registry: &Registry) -> Res
         backends,
         connect_timeout: p.timeouts.connect.0,
         response_timeout: p.timeouts.response.0,
+        queue_timeout: p.timeouts.queue.0,
         health: p.health.as_ref().map(|h| HealthCheck {
             kind: h.kind,
             path: h.path.get_ref().clone(),

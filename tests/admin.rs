@@ -476,6 +476,8 @@ async fn metrics_are_valid_prometheus_exposition_with_every_documented_family_an
         ("tether_backend_up", "gauge", &["pool", "backend"]),
         ("tether_backend_in_flight", "gauge", &["pool", "backend"]),
         ("tether_backend_failures_total", "counter", &["pool", "backend", "reason"]),
+        ("tether_backend_queued", "gauge", &["pool", "backend"]),
+        ("tether_backend_queue_timeouts_total", "counter", &["pool", "backend"]),
         ("tether_affinity_total", "counter", &["pool", "outcome"]),
         ("tether_sessions_lost_total", "counter", &["pool", "backend"]),
         ("tether_health_checks_total", "counter", &["pool", "backend", "result"]),

@@ -401,3 +401,17 @@ fn a_bad_trusted_proxy_network_is_reported_at_the_value() {
     let text = format!("[forwarding]\ntrusted_proxy = [\"10.0.0.0/8\"]\n\n{VALID}");
     assert_one_error_at(&text, "trusted_proxy", "unknown field `trusted_proxy`");
 }
+
+#[test]
+fn max_connections_of_zero_is_reported_at_the_value() {
+    let text = replace("addr = \"127.0.0.1:9002\"", "addr = \"127.0.0.1:9002\"\nmax_connections = 0");
+    let errs = errors(&text);
+    let (line, col) = pos(&text, "= 0");
+    assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+    assert_eq!((errs[0].line, errs[0].col), (line, col + 2), "at the value: {}", errs[0]);
+    assert!(errs[0].message.contains("max_connections must be at least 1"), "{}", errs[0]);
+    let text = replace("addr = \"127.0.0.1:9002\"", "addr = \"127.0.0.1:9002\"\nmax_connections = 100");
+    let cfg = parse("t.toml", &text, None).unwrap();
+    assert_eq!(cfg.pools[0].value.backends[1].max_connections.as_ref().map(|m| *m.get_ref()), Some(100));
+    assert_eq!(cfg.pools[0].value.timeouts.queue, Dur(Duration::from_secs(5)));
+}

@@ -421,11 +421,18 @@ pub struct PoolTimeouts {
     pub connect: Dur,
     /// From sending the request to the backend's response headers. Default 60 s.
     pub response: Dur,
+    /// How long a request may wait for a backend at `max_connections`
+    /// before it gets 503. Default 5 s.
+    pub queue: Dur,
 }
 
 impl Default for PoolTimeouts {
     fn default() -> Self {
-        PoolTimeouts { connect: Dur(Duration::from_secs(5)), response: Dur(Duration::from_secs(60)) }
+        PoolTimeouts {
+            connect: Dur(Duration::from_secs(5)),
+            response: Dur(Duration::from_secs(60)),
+            queue: Dur(Duration::from_secs(5)),
+        }
     }
 }
 
@@ -440,6 +447,11 @@ pub struct BackendSection {
     pub weight: Spanned<u32>,
     #[serde(default)]
     pub state: BackendState,
+    /// Most requests in flight to this backend at once (each holds one
+    /// connection until its response ends); more wait in a queue for up to
+    /// the pool's `timeouts.queue`. Absent: no limit.
+    #[serde(default)]
+    pub max_connections: Option<Spanned<u32>>,
 }
 
 /// An operator's intent for a backend.

@@ -123,6 +123,11 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
             if *b.weight.get_ref() > MAX_WEIGHT {
                 errs.at(b.weight.span(), format!("weight must be between 0 and {MAX_WEIGHT}"));
             }
+            if let Some(max) = &b.max_connections
+                && *max.get_ref() == 0
+            {
+                errs.at(max.span(), "max_connections must be at least 1 (leave it out for no limit)");
+            }
         }
         if p.affinity == Affinity::Hash && p.hash.is_none() {
             errs.at(
