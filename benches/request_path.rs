@@ -119,7 +119,7 @@ fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, pe
     let upgrade = forward::upgrade_protocol(&req);
     forward::upstream_request(
         &mut req,
-        &Upstream { client_ip: peer, https: false, affinity_cookie, affinity: sel.outcome.as_str(), upgrade },
+        &Upstream { peer, trusted_peer: false, https: false, affinity_cookie, affinity: sel.outcome.as_str(), upgrade },
     );
     let backend = &pool.backends[sel.backend];
     let cookie = if sel.set_cookie { backend.set_cookie_for(false) } else { None };

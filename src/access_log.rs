@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
@@ -37,7 +37,10 @@ pub struct Sink {
 
 /// One finished request.
 pub struct Entry<'a> {
-    pub client: SocketAddr,
+    /// The client: the peer, or behind trusted proxies the address they named.
+    pub client: IpAddr,
+    /// The address the connection came from.
+    pub peer: SocketAddr,
     pub method: &'a str,
     pub path: &'a str,
     pub version: http::Version,
@@ -56,6 +59,7 @@ impl AccessLog {
             AccessLog::Tracing => tracing::info!(
                 target: "tether::access",
                 client = %e.client,
+                peer = %e.peer,
                 method = e.method,
                 path = e.path,
                 status = e.status,
@@ -132,8 +136,9 @@ fn json_line(e: &Entry<'_>) -> String {
     let mut s = String::with_capacity(256);
     let _ = writeln!(
         s,
-        "{{\"ts\":{ts:.3},\"client\":\"{}\",\"method\":{},\"path\":{},\"status\":{},\"pool\":{},\"backend\":{},\"affinity\":\"{}\",\"attempts\":{},\"duration_ms\":{:.3}}}",
+        "{{\"ts\":{ts:.3},\"client\":\"{}\",\"peer\":\"{}\",\"method\":{},\"path\":{},\"status\":{},\"pool\":{},\"backend\":{},\"affinity\":\"{}\",\"attempts\":{},\"duration_ms\":{:.3}}}",
         e.client,
+        e.peer,
         json_str(e.method),
         json_str(e.path),
         e.status,
@@ -156,7 +161,7 @@ fn combined_line(e: &Entry<'_>) -> String {
     let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!(
         "{} - - [{}] \"{} {} {:?}\" {} - pool={} backend={} affinity={} attempts={} duration_ms={:.3}\n",
-        e.client.ip(),
+        e.client,
         clf_time(secs),
         e.method,
         e.path.replace('"', "%22"),
@@ -203,7 +208,8 @@ mod tests {
     #[test]
     fn json_line_escapes_the_path() {
         let e = Entry {
-            client: "127.0.0.1:1".parse().unwrap(),
+            client: "127.0.0.1".parse().unwrap(),
+            peer: "127.0.0.1:1".parse().unwrap(),
             method: "GET",
             path: "/a\"b",
             version: http::Version::HTTP_11,
@@ -218,5 +224,7 @@ mod tests {
         assert_eq!(v["path"], "/a\"b");
         assert_eq!(v["status"], 200);
         assert_eq!(v["backend"], "a1");
+        assert_eq!(v["client"], "127.0.0.1");
+        assert_eq!(v["peer"], "127.0.0.1:1");
     }
 }

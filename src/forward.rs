@@ -125,7 +125,11 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// What the upstream request needs besides the client's request.
 pub struct Upstream<'a> {
-    pub client_ip: IpAddr,
+    /// The address the connection came from.
+    pub peer: IpAddr,
+    /// The peer is in `trusted_proxies`: its forwarding headers are kept
+    /// (the peer is appended to `X-Forwarded-For`).
+    pub trusted_peer: bool,
     pub https: bool,
     pub affinity_cookie: Option<&'a str>,
     pub affinity: &'static str,
@@ -165,12 +169,19 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         headers.insert(header::HOST, h);
     }
     let host = headers.get(header::HOST).cloned();
-    headers.insert(X_FORWARDED_FOR, ip_header(up.client_ip));
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if up.https { "https" } else { "http" }));
-    match host {
-        Some(h) => headers.insert(X_FORWARDED_HOST, h),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+    let forwarded_for = crate::forwarded_for::header_value(up.trusted_peer, up.peer, headers);
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    // A trusted proxy in front knows the original scheme and host; a client's
+    // claims are replaced.
+    if !(up.trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if up.https { "https" } else { "http" }));
+    }
+    if !(up.trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => headers.insert(X_FORWARDED_HOST, h),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+    }
     headers.insert(TETHER_AFFINITY, HeaderValue::from_static(up.affinity));
     // HTTP/1.1 requests are origin-form already; HTTP/2 ones are absolute.
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
@@ -224,19 +235,6 @@ pub fn for_backend<B>(req: &mut Request<B>, protocol: Protocol, scheme: &'static
             *req.version_mut() = Version::HTTP_2;
         }
     }
-}
-
-fn ip_header(ip: IpAddr) -> HeaderValue {
-    use std::io::Write;
-    // Formatted on the stack: the longest IPv6 text is 45 bytes.
-    let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let written = write!(cursor, "{}", ip.to_canonical()).map(|()| cursor.position() as usize);
-    // An IP address is always a valid header value.
-    written
-        .ok()
-        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
-        .unwrap_or_else(|| HeaderValue::from_static("unknown"))
 }
 
 /// Cleans a backend response and, when the client was just (re)assigned,
@@ -310,8 +308,18 @@ impl HttpBody for ProxyBody {
             // hyper stops polling a sized body after its last byte, without
             // asking for the end: release as soon as the end is known.
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            // A broken body means a broken connection: never reuse it.
-            Poll::Ready(Some(Err(_))) => self.conn = None,
+            // A broken body means a broken connection: never reuse it. The
+            // error goes on to hyper, which aborts the client's response
+            // (no final chunk, or fewer bytes than its Content-Length).
+            Poll::Ready(Some(Err(e))) => {
+                self.conn = None;
+                let live = self.in_flight.live();
+                live.count_failure(crate::live::Failure::Aborted);
+                tracing::warn!(
+                    pool = %live.key.pool, backend = %live.key.name, error = %e,
+                    "backend response broke off mid-body; client response aborted"
+                );
+            }
             _ => {}
         }
         polled
@@ -344,7 +352,8 @@ mod tests {
             .body(())
             .unwrap();
         let up = Upstream {
-            client_ip: "127.0.0.2".parse().unwrap(),
+            peer: "127.0.0.2".parse().unwrap(),
+            trusted_peer: false,
             https: false,
             affinity_cookie: Some("tether"),
             affinity: "kept",
@@ -381,7 +390,8 @@ mod tests {
     fn h2_request_gets_host_from_its_authority() {
         let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
         let up = Upstream {
-            client_ip: "::1".parse().unwrap(),
+            peer: "::1".parse().unwrap(),
+            trusted_peer: false,
             https: true,
             affinity_cookie: None,
             affinity: "new",
@@ -425,7 +435,8 @@ mod tests {
             .body(())
             .unwrap();
         let up = Upstream {
-            client_ip: "127.0.0.1".parse().unwrap(),
+            peer: "127.0.0.1".parse().unwrap(),
+            trusted_peer: false,
             https: false,
             affinity_cookie: None,
             affinity: "new",

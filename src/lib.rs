@@ -9,7 +9,8 @@
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
 //! - [`transport`], [`upstream`], [`forward`], [`proxy`]: the request path
-//!   (TLS and HTTP/2 to backends included).
+//!   (TLS and HTTP/2 to backends included); [`forwarded_for`] and [`cidr`]:
+//!   whose `X-Forwarded-For` is believed.
 //! - [`tunnel`]: upgraded connections (WebSocket), copied both ways.
 //! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
 //!   certificates and the rustls configuration; [`redirect`]: listeners that
@@ -27,10 +28,12 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod forwarded_for;
 pub mod health;
 pub mod impact;
 pub mod live;

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use crate::config::BackendState;
 use crate::health::Health;
@@ -33,11 +36,19 @@ pub struct BackendLive {
     pub in_flight: AtomicU64,
     /// Upgraded (WebSocket) connections open now.
     pub upgraded: AtomicU64,
+    /// Requests waiting for this backend to drop below `max_connections`.
+    pub queued: AtomicU64,
+    /// Requests that waited in that queue past the queue timeout.
+    pub queue_timeouts: AtomicU64,
+    /// Woken when a request finishes, for the queue.
+    finished: Notify,
     pub requests: AtomicU64,
     /// Requests that failed at this backend (connect, reset, timeout, 5xx gateway).
     pub errors: AtomicU64,
     /// Responses by status code (including tether's own 502/504 for it).
     pub responses: crate::metrics::StatusCounts,
+    /// Faults of this backend by [`Failure`] index.
+    pub failures: [AtomicU64; Failure::COUNT],
     /// Active checks and passive ejection.
     pub health: Health,
     pub checks_ok: AtomicU64,
@@ -65,9 +76,13 @@ impl BackendLive {
             key,
             in_flight: AtomicU64::new(0),
             upgraded: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queue_timeouts: AtomicU64::new(0),
+            finished: Notify::new(),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             responses: Default::default(),
+            failures: Default::default(),
             health: Health::default(),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
@@ -157,6 +172,10 @@ impl BackendLive {
         self.state_override.load(Ordering::Relaxed) != NO_OVERRIDE
     }
 
+    pub fn count_failure(&self, failure: Failure) {
+        self.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -166,6 +185,77 @@ impl BackendLive {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
+    }
+
+    /// Starts a request if fewer than `max` are in flight.
+    fn try_start_request(self: &Arc<Self>, max: u64) -> Option<InFlight> {
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(Arc::clone(self)))
+    }
+
+    /// Starts a request within `max` in flight (none: no limit), waiting
+    /// until `deadline` for one to finish; `None` when the wait timed out.
+    /// Waiters are woken in arrival order, one per finished request.
+    pub async fn start_request_within(self: &Arc<Self>, max: Option<u64>, deadline: Instant) -> Option<InFlight> {
+        let Some(max) = max else { return Some(self.start_request()) };
+        if let Some(guard) = self.try_start_request(max) {
+            return Some(guard);
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _queued = Queued(self);
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            // Registered before the check, so a request finishing in
+            // between is not missed.
+            finished.as_mut().enable();
+            if let Some(guard) = self.try_start_request(max) {
+                return Some(guard);
+            }
+            if tokio::time::timeout_at(deadline.into(), finished).await.is_err() {
+                self.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+    }
+}
+
+/// How a backend failed a request (the `reason` of
+/// `tether_backend_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made; nothing was sent.
+    Connect,
+    /// No response headers within the response timeout (504).
+    Timeout,
+    /// The connection closed or reset before a complete response head (502).
+    Closed,
+    /// The response head was not valid HTTP/1.1 (502).
+    InvalidResponse,
+    /// The response body broke off after its head was forwarded: the
+    /// client's response is aborted, never ended as if complete.
+    Aborted,
+}
+
+impl Failure {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Failure; Failure::COUNT] =
+        [Failure::Connect, Failure::Timeout, Failure::Closed, Failure::InvalidResponse, Failure::Aborted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Closed => "closed",
+            Failure::InvalidResponse => "invalid_response",
+            Failure::Aborted => "aborted",
+        }
+    }
+
+    /// A send that failed after the request may have been written.
+    pub fn of_send_error(e: &hyper::Error) -> Failure {
+        if e.is_parse() || e.is_parse_status() { Failure::InvalidResponse } else { Failure::Closed }
     }
 }
 
@@ -202,7 +292,17 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.finished.notify_one();
+    }
+}
+
+/// Counts a request as queued while it waits.
+struct Queued<'a>(&'a BackendLive);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -142,6 +142,29 @@ pub fn render(rt: &Runtime) -> String {
             f.sample("tether_upgraded_connections", &[("pool", &p.name), ("backend", &b.name)], n);
         }
     }
+    f.header("tether_backend_queued", "gauge", "Requests waiting for a backend at its max_connections.");
+    for p in &snap.pools {
+        for b in &p.backends {
+            f.sample("tether_backend_queued", &[("pool", &p.name), ("backend", &b.name)], load(&b.live.queued));
+        }
+    }
+    f.header("tether_backend_queue_timeouts_total", "counter", "Requests that waited past the queue timeout (503).");
+    for p in &snap.pools {
+        for b in &p.backends {
+            let n = load(&b.live.queue_timeouts);
+            f.sample("tether_backend_queue_timeouts_total", &[("pool", &p.name), ("backend", &b.name)], n);
+        }
+    }
+    f.header("tether_backend_failures_total", "counter", "Backend faults by reason (see README).");
+    for p in &snap.pools {
+        for b in &p.backends {
+            for failure in crate::live::Failure::ALL {
+                let n = load(&b.live.failures[failure as usize]);
+                let labels = [("pool", &*p.name), ("backend", &*b.name), ("reason", failure.as_str())];
+                f.sample("tether_backend_failures_total", &labels, n);
+            }
+        }
+    }
     f.header("tether_backend_affinity_holders", "gauge", "Approximate distinct affinity holders seen recently.");
     for p in &snap.pools {
         for b in &p.backends {

@@ -5,7 +5,7 @@
 //! [`ProxyError`], mapped to a status in one place.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -20,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use crate::Runtime;
 use crate::config::OnUnavailable;
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
+use crate::live::Failure;
 use crate::live::InFlight;
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
 use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
@@ -51,13 +52,17 @@ pub enum ProxyError {
     /// The backend switched protocols for a request that did not ask to.
     UnaskedSwitch,
     Timeout,
+    /// The backend stayed at its `max_connections` for the queue timeout.
+    QueueTimeout,
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend | ProxyError::PinnedUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::PinnedUnavailable | ProxyError::QueueTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -72,12 +77,13 @@ impl ProxyError {
             ProxyError::Connect(_) => "bad gateway: backend unreachable\n",
             ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => "bad gateway: backend failed\n",
             ProxyError::Timeout => "gateway timeout: backend did not answer in time\n",
+            ProxyError::QueueTimeout => "backend busy: too many requests waiting; retry later\n",
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let mut resp = plain_response(self.status(), self.message());
-        if matches!(self, ProxyError::PinnedUnavailable | ProxyError::NoBackend) {
+        if matches!(self, ProxyError::PinnedUnavailable | ProxyError::NoBackend | ProxyError::QueueTimeout) {
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         resp
@@ -88,7 +94,10 @@ impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyError::Connect(e) => write!(f, "{e}"),
-            ProxyError::Upstream(e) => write!(f, "backend error: {e}"),
+            ProxyError::Upstream(e) => match Failure::of_send_error(e) {
+                Failure::InvalidResponse => write!(f, "backend sent an invalid response: {e}"),
+                _ => write!(f, "backend failed before a complete response: {e}"),
+            },
             ProxyError::UnaskedSwitch => f.write_str("backend switched protocols unasked"),
             other => f.write_str(other.message().trim_end()),
         }
@@ -124,8 +133,10 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let version = req.version();
+    // Behind trusted proxies, the client named by `X-Forwarded-For`.
+    let client_ip = crate::forwarded_for::client_ip(&snap.trusted_proxies, conn.peer.ip(), req.headers());
     let mut placed = Placement::default();
-    let resp = match proxy(&runtime, &snap, &conn, req, &mut placed, start).await {
+    let resp = match proxy(&runtime, &snap, &conn, client_ip, req, &mut placed, start).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(pool = placed.pool.as_deref(), backend = placed.backend.as_deref(), error = %e, "request failed");
@@ -133,7 +144,8 @@ pub async fn handle(
         }
     };
     snap.access_log.write(&crate::access_log::Entry {
-        client: conn.peer,
+        client: client_ip,
+        peer: conn.peer,
         method: method.as_str(),
         path: uri.path(),
         version,
@@ -151,6 +163,7 @@ async fn proxy(
     runtime: &Runtime,
     snap: &Snapshot,
     conn: &ConnInfo,
+    client_ip: IpAddr,
     mut req: Request<Incoming>,
     placed: &mut Placement,
     start: Instant,
@@ -163,7 +176,7 @@ async fn proxy(
     let pool = &snap.pools[pool_idx];
     placed.pool = Some(pool.name.clone());
 
-    let key = RequestKey { headers: req.headers(), uri: req.uri(), client_ip: conn.peer.ip() };
+    let key = RequestKey { headers: req.headers(), uri: req.uri(), client_ip };
     let selected = select::select(pool, &key);
     if selected.as_ref().is_ok_and(|s| s.invalid_cookie) {
         pool.live.invalid_cookies.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +200,8 @@ async fn proxy(
     forward::upstream_request(
         &mut req,
         &forward::Upstream {
-            client_ip: conn.peer.ip(),
+            peer: conn.peer.ip(),
+            trusted_peer: snap.trusted_proxies.contains(conn.peer.ip()),
             https: conn.https,
             affinity_cookie,
             affinity: sel.outcome.as_str(),
@@ -202,7 +216,10 @@ async fn proxy(
         placed.backend = Some(backend.name.clone());
         placed.outcome = Some(sel.outcome);
         placed.attempts += 1;
-        let in_flight = backend.live.start_request();
+        let queue_deadline = Instant::now() + pool.queue_timeout;
+        let Some(in_flight) = backend.live.start_request_within(backend.max_connections, queue_deadline).await else {
+            break Err(ProxyError::QueueTimeout);
+        };
         let transport = &backend.transport;
         forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
         let send = backend.live.upstream.send(req, transport, pool.connect_timeout);
@@ -230,12 +247,14 @@ async fn proxy(
                 break Ok(resp);
             }
             Ok(Err(SendError::NotSent { request, cause })) => {
+                backend.live.count_failure(Failure::Connect);
                 passive_failure(runtime, pool, backend, &cause.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.name, %cause, "backend unreachable, nothing sent");
                 req = *request;
                 ProxyError::Connect(cause)
             }
             Ok(Err(SendError::Failed(e))) => {
+                backend.live.count_failure(Failure::of_send_error(&e));
                 passive_failure(runtime, pool, backend, "connection failed");
                 let Some(replay) = &replay else { break Err(ProxyError::Upstream(e)) };
                 tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
@@ -243,6 +262,7 @@ async fn proxy(
                 ProxyError::Upstream(e)
             }
             Err(_elapsed) => {
+                backend.live.count_failure(Failure::Timeout);
                 passive_failure(runtime, pool, backend, "timeout");
                 break Err(ProxyError::Timeout);
             }

@@ -90,7 +90,8 @@ pub async fn handle(
         None => crate::proxy::plain_response(StatusCode::BAD_REQUEST, "missing or invalid Host\n"),
     };
     runtime.snapshot().access_log.write(&crate::access_log::Entry {
-        client: conn.peer,
+        client: conn.peer.ip(),
+        peer: conn.peer,
         method: req.method().as_str(),
         path: req.uri().path(),
         version: req.version(),

@@ -184,13 +184,16 @@ pub fn pick_new(pool: &Pool, also: impl Fn(usize) -> bool) -> Option<usize> {
         }
         Balance::Random => balance::power_of_two(&pool.weights, load, eligible),
     };
+    // A backend at its `max_connections` is passed over while another has
+    // room; when all are full the request queues at the policy's choice.
+    let room = |i: usize| eligible(i) && !pool.backends[i].is_full();
     match pool.slow_start {
-        None => pick(&eligible),
+        None => pick(&room).or_else(|| pick(&eligible)),
         // A ramping backend is admitted with its ramp probability; if that
         // leaves nobody, ramping backends are still better than none.
-        Some(window) => {
-            pick(&|i| eligible(i) && admit(pool.backends[i].live.health.ramp(Some(window)))).or_else(|| pick(&eligible))
-        }
+        Some(window) => pick(&|i| room(i) && admit(pool.backends[i].live.health.ramp(Some(window))))
+            .or_else(|| pick(&room))
+            .or_else(|| pick(&eligible)),
     }
 }
 

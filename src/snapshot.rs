@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub routes_fingerprint: u64,
     pub pools: Vec<Pool>,
     pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (see [`crate::forwarded_for`]).
+    pub trusted_proxies: crate::cidr::CidrSet,
     pub admin: Option<AdminSpec>,
     pub access_log: crate::access_log::AccessLog,
 }
@@ -83,6 +85,8 @@ pub struct Pool {
     pub response_timeout: Duration,
     /// Upgraded connections idle this long are closed.
     pub idle_timeout: Duration,
+    /// How long a request waits for a backend at its `max_connections`.
+    pub queue_timeout: Duration,
     pub health: Option<HealthCheck>,
     pub passive: Passive,
     /// Other backends tried after a failure that allows a retry.
@@ -142,6 +146,8 @@ pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Most requests in flight at once; `None`: no limit.
+    pub max_connections: Option<u64>,
     /// The configured state; [`Backend::state`] applies runtime overrides.
     pub configured_state: BackendState,
     /// The affinity cookie value naming this backend (cookie pools).
@@ -176,6 +182,11 @@ impl Backend {
     /// TLS (`https`) or not.
     pub fn set_cookie_for(&self, https: bool) -> Option<&HeaderValue> {
         if https { self.set_cookie_tls.as_ref() } else { self.set_cookie.as_ref() }
+    }
+
+    /// At its `max_connections`: a new request would have to queue.
+    pub fn is_full(&self) -> bool {
+        self.max_connections.is_some_and(|max| self.live.in_flight() >= max)
     }
 }
 
@@ -279,6 +290,7 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
         access_log: registry.access_logs.get(&cfg.log.access, cfg.log.format)?,
         pools,
         shutdown_timeout: cfg.timeouts.shutdown.0,
+        trusted_proxies: crate::cidr::CidrSet::new(cfg.forwarding.resolved_trusted_proxies.iter().copied()),
         admin: cfg.admin.as_ref().map(|a| AdminSpec { listen: a.listen.get_ref().0, token: a.resolved_token.clone() }),
     })
 }
@@ -329,6 +341,7 @@ fn compile_pool(
             name: Arc::from(bname),
             addr: b.addr.get_ref().0,
             weight: *b.weight.get_ref(),
+            max_connections: b.max_connections.as_ref().map(|m| u64::from(*m.get_ref())),
             configured_state: b.state,
             cookie_value: cookie_value.into_boxed_str(),
             set_cookie,
@@ -382,6 +395,7 @@ fn compile_pool(
         connect_timeout: p.timeouts.connect.0,
         response_timeout: p.timeouts.response.0,
         idle_timeout: p.timeouts.idle.0,
+        queue_timeout: p.timeouts.queue.0,
         health: p.health.as_ref().map(|h| HealthCheck {
             kind: h.kind,
             path: h.path.get_ref().clone(),

@@ -94,12 +94,13 @@ pub fn parse(name: &str, text: &str, base_dir: Option<&Path>) -> Result<Config, 
             "admin" => file.admin = errs.section(value),
             "log" => file.log = errs.section(value).unwrap_or_default(),
             "timeouts" => file.timeouts = errs.section(value).unwrap_or_default(),
+            "forwarding" => file.forwarding = errs.section(value).unwrap_or_default(),
             "listeners" => file.listeners = errs.named_sections(value, "listeners"),
             "pools" => file.pools = errs.named_sections(value, "pools"),
             "routes" => file.routes = errs.array_sections(value, "routes"),
             other => errs.at(
                 key.span(),
-                format!("unknown section `{other}`; expected one of: admin, log, timeouts, listeners, routes, pools"),
+                format!("unknown section `{other}`; expected one of: admin, log, timeouts, forwarding, listeners, routes, pools"),
             ),
         }
     }

@@ -384,3 +384,35 @@ fn bad_durations_are_rejected_with_an_example() {
 }
 
 mod tls;
+#[test]
+fn trusted_proxies_parse_as_networks() {
+    let text = format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\"]\n\n{VALID}");
+    let cfg = parse("t.toml", &text, None).unwrap();
+    let nets: Vec<String> = cfg.forwarding.resolved_trusted_proxies.iter().map(|c| c.to_string()).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+    assert!(parse("t.toml", VALID, None).unwrap().forwarding.trusted_proxies.is_empty());
+}
+
+#[test]
+fn a_bad_trusted_proxy_network_is_reported_at_the_value() {
+    let text = format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n\n{VALID}");
+    assert_one_error_at(&text, "\"10.0.0.0/33\"", "invalid network `10.0.0.0/33`: prefix length above 32");
+    let text = format!("[forwarding]\ntrusted_proxies = [\"proxy.internal\"]\n\n{VALID}");
+    assert_one_error_at(&text, "\"proxy.internal\"", "not an IP address");
+    let text = format!("[forwarding]\ntrusted_proxy = [\"10.0.0.0/8\"]\n\n{VALID}");
+    assert_one_error_at(&text, "trusted_proxy", "unknown field `trusted_proxy`");
+}
+
+#[test]
+fn max_connections_of_zero_is_reported_at_the_value() {
+    let text = replace("addr = \"127.0.0.1:9002\"", "addr = \"127.0.0.1:9002\"\nmax_connections = 0");
+    let errs = errors(&text);
+    let (line, col) = pos(&text, "= 0");
+    assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+    assert_eq!((errs[0].line, errs[0].col), (line, col + 2), "at the value: {}", errs[0]);
+    assert!(errs[0].message.contains("max_connections must be at least 1"), "{}", errs[0]);
+    let text = replace("addr = \"127.0.0.1:9002\"", "addr = \"127.0.0.1:9002\"\nmax_connections = 100");
+    let cfg = parse("t.toml", &text, None).unwrap();
+    assert_eq!(cfg.pools[0].value.backends[1].max_connections.as_ref().map(|m| *m.get_ref()), Some(100));
+    assert_eq!(cfg.pools[0].value.timeouts.queue, Dur(Duration::from_secs(5)));
+}

@@ -19,6 +19,7 @@ pub struct Config {
     pub admin: Option<AdminSection>,
     pub log: LogSection,
     pub timeouts: GlobalTimeouts,
+    pub forwarding: ForwardingSection,
     pub listeners: Vec<Named<ListenerSection>>,
     pub routes: Vec<RouteSection>,
     pub pools: Vec<Named<PoolSection>>,
@@ -104,6 +105,19 @@ impl Default for GlobalTimeouts {
     fn default() -> Self {
         GlobalTimeouts { shutdown: Dur(Duration::from_secs(30)) }
     }
+}
+
+/// `[forwarding]`: whose forwarding headers tether believes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardingSection {
+    /// Peers whose `X-Forwarded-For` (and `-Proto`, `-Host`) are kept and
+    /// followed to find the client, as networks (`"10.0.0.0/8"`) or single
+    /// addresses. Empty (default): every peer is the client.
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// `trusted_proxies` parsed by validation.
+    #[serde(skip)]
+    pub resolved_trusted_proxies: Vec<crate::cidr::Cidr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,6 +448,9 @@ pub struct PoolTimeouts {
     /// An upgraded connection (WebSocket) that carries nothing either way
     /// for this long is closed. Default 10 min.
     pub idle: Dur,
+    /// How long a request may wait for a backend at `max_connections`
+    /// before it gets 503. Default 5 s.
+    pub queue: Dur,
 }
 
 impl Default for PoolTimeouts {
@@ -442,6 +459,7 @@ impl Default for PoolTimeouts {
             connect: Dur(Duration::from_secs(5)),
             response: Dur(Duration::from_secs(60)),
             idle: Dur(Duration::from_secs(600)),
+            queue: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -472,6 +490,11 @@ pub struct BackendSection {
     /// backend's and the pool's keys (with the CA file read).
     #[serde(skip)]
     pub transport: TransportSpec,
+    /// Most requests in flight to this backend at once (each holds one
+    /// connection until its response ends); more wait in a queue for up to
+    /// the pool's `timeouts.queue`. Absent: no limit.
+    #[serde(default)]
+    pub max_connections: Option<Spanned<u32>>,
 }
 
 /// The HTTP version tether speaks to a backend.

@@ -68,6 +68,13 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
         *p = base_dir.join(&*p);
     }
 
+    for net in &cfg.forwarding.trusted_proxies {
+        match crate::cidr::Cidr::parse(net.get_ref()) {
+            Ok(cidr) => cfg.forwarding.resolved_trusted_proxies.push(cidr),
+            Err(msg) => errs.at(net.span(), msg),
+        }
+    }
+
     let mut listen_addrs = HashSet::new();
     for l in &cfg.listeners {
         let addr = l.value.listen.get_ref().0;
@@ -119,6 +126,11 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
             }
             if *b.weight.get_ref() > MAX_WEIGHT {
                 errs.at(b.weight.span(), format!("weight must be between 0 and {MAX_WEIGHT}"));
+            }
+            if let Some(max) = &b.max_connections
+                && *max.get_ref() == 0
+            {
+                errs.at(max.span(), "max_connections must be at least 1 (leave it out for no limit)");
             }
         }
         super::transport::resolve(&pool.name, p, base_dir, errs);
