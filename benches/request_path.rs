@@ -101,7 +101,14 @@ fn backend_response() -> Response<()> {
 }
 
 /// Route + select + rewrite one request and its response, as proxy.rs does.
-fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, peer: IpAddr) -> usize {
+/// `peer_header` is formatted once per connection, as the server does.
+fn one_request(
+    snap: &Snapshot,
+    mut req: Request<()>,
+    mut resp: Response<()>,
+    peer: IpAddr,
+    peer_header: &HeaderValue,
+) -> usize {
     let Some(pool_idx) = snap
         .router
         .route(request_host(&req), req.uri().path())
@@ -119,7 +126,14 @@ fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, pe
     let upgrade = forward::upgrade_protocol(&req);
     forward::upstream_request(
         &mut req,
-        &Upstream { peer, trusted_peer: false, https: false, affinity_cookie, affinity: sel.outcome.as_str(), upgrade },
+        &Upstream {
+            peer: peer_header,
+            trusted_peer: false,
+            https: false,
+            affinity_cookie,
+            affinity: sel.outcome.as_str(),
+            upgrade,
+        },
     );
     let backend = &pool.backends[sel.backend];
     let cookie = if sel.set_cookie { backend.set_cookie_for(false) } else { None };
@@ -131,32 +145,33 @@ fn one_request(snap: &Snapshot, mut req: Request<()>, mut resp: Response<()>, pe
 fn request_path(c: &mut Criterion) {
     let snap = snapshot();
     let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    let peer_header = tether::forwarded_for::peer_value(peer);
     let app = &snap.pools[snap.pool_index("app").unwrap_or_default()];
     let cookie = format!("theme=dark; tether={}; lang=en", app.backends[1].cookie_value);
     let only_ours = format!("tether={}", app.backends[1].cookie_value);
 
     // Sanity: the benched path does what proxy.rs does.
-    assert_eq!(one_request(&snap, browser_request(Some(&cookie)), backend_response(), peer), 1);
+    assert_eq!(one_request(&snap, browser_request(Some(&cookie)), backend_response(), peer, &peer_header), 1);
 
     let mut group = c.benchmark_group("request_path");
     group.bench_function("returning_client_cookie_among_others", |b| {
         b.iter_batched(
             || (browser_request(Some(&cookie)), backend_response()),
-            |(req, resp)| one_request(&snap, req, resp, peer),
+            |(req, resp)| one_request(&snap, req, resp, peer, &peer_header),
             BatchSize::SmallInput,
         );
     });
     group.bench_function("returning_client_only_our_cookie", |b| {
         b.iter_batched(
             || (browser_request(Some(&only_ours)), backend_response()),
-            |(req, resp)| one_request(&snap, req, resp, peer),
+            |(req, resp)| one_request(&snap, req, resp, peer, &peer_header),
             BatchSize::SmallInput,
         );
     });
     group.bench_function("new_client_gets_cookie", |b| {
         b.iter_batched(
             || (browser_request(None), backend_response()),
-            |(req, resp)| one_request(&snap, req, resp, peer),
+            |(req, resp)| one_request(&snap, req, resp, peer, &peer_header),
             BatchSize::SmallInput,
         );
     });
@@ -168,7 +183,7 @@ fn request_path(c: &mut Criterion) {
                 req.headers_mut().insert("x-user-id", HeaderValue::from_static("user-1234567890"));
                 (req, backend_response())
             },
-            |(req, resp)| one_request(&snap, req, resp, peer),
+            |(req, resp)| one_request(&snap, req, resp, peer, &peer_header),
             BatchSize::SmallInput,
         );
     });

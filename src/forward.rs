@@ -5,7 +5,7 @@
 //! `Connection`, are removed *before* tether adds its own, so a client can
 //! never make tether drop `X-Forwarded-For` by listing it in `Connection`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -125,8 +125,9 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// What the upstream request needs besides the client's request.
 pub struct Upstream<'a> {
-    /// The address the connection came from.
-    pub peer: IpAddr,
+    /// The address the connection came from, as header text
+    /// ([`crate::forwarded_for::peer_value`]).
+    pub peer: &'a HeaderValue,
     /// The peer is in `trusted_proxies`: its forwarding headers are kept
     /// (the peer is appended to `X-Forwarded-For`).
     pub trusted_peer: bool,
@@ -352,7 +353,7 @@ mod tests {
             .body(())
             .unwrap();
         let up = Upstream {
-            peer: "127.0.0.2".parse().unwrap(),
+            peer: &crate::forwarded_for::peer_value("127.0.0.2".parse().unwrap()),
             trusted_peer: false,
             https: false,
             affinity_cookie: Some("tether"),
@@ -390,7 +391,7 @@ mod tests {
     fn h2_request_gets_host_from_its_authority() {
         let mut req = Request::builder().uri("http://a.example.com:8080/x").version(Version::HTTP_2).body(()).unwrap();
         let up = Upstream {
-            peer: "::1".parse().unwrap(),
+            peer: &crate::forwarded_for::peer_value("::1".parse().unwrap()),
             trusted_peer: false,
             https: true,
             affinity_cookie: None,
@@ -435,7 +436,7 @@ mod tests {
             .body(())
             .unwrap();
         let up = Upstream {
-            peer: "127.0.0.1".parse().unwrap(),
+            peer: &crate::forwarded_for::peer_value("127.0.0.1".parse().unwrap()),
             trusted_peer: false,
             https: false,
             affinity_cookie: None,

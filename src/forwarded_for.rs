@@ -54,10 +54,16 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// A peer address as `X-Forwarded-For` text (IPv4-mapped IPv6 shown as
+/// IPv4), formatted once per connection rather than per request.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    // An IP address is always a valid header value.
+    HeaderValue::from_str(&peer.to_canonical().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// The `X-Forwarded-For` a backend gets: the client's chain plus the peer
-/// when the peer is trusted, else the peer alone.
-pub fn header_value(trusted_peer: bool, peer: IpAddr, headers: &HeaderMap) -> HeaderValue {
-    let peer = peer.to_canonical().to_string();
+/// when the peer is trusted, else the peer alone (`peer` from [`peer_value`]).
+pub fn header_value(trusted_peer: bool, peer: &HeaderValue, headers: &HeaderMap) -> HeaderValue {
     if trusted_peer {
         let mut chain: Vec<u8> = Vec::new();
         for line in headers.get_all(X_FORWARDED_FOR) {
@@ -74,8 +80,7 @@ pub fn header_value(trusted_peer: bool, peer: IpAddr, headers: &HeaderMap) -> He
             }
         }
     }
-    // An IP address is always a valid header value.
-    HeaderValue::from_str(&peer).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    peer.clone()
 }
 
 #[cfg(test)]
@@ -106,7 +111,7 @@ mod tests {
         let claims = xff(&["1.1.1.1, 10.0.0.5"]);
         assert_eq!(client_ip(&trusted, ip("203.0.113.9"), &claims), ip("203.0.113.9"));
         assert_eq!(client_ip(&CidrSet::default(), ip("10.0.0.1"), &claims), ip("10.0.0.1"));
-        assert_eq!(header_value(false, ip("203.0.113.9"), &claims), "203.0.113.9");
+        assert_eq!(header_value(false, &peer_value(ip("203.0.113.9")), &claims), "203.0.113.9");
     }
 
     #[test]
@@ -118,15 +123,18 @@ mod tests {
         // The same chain spread over several header lines.
         let lines = xff(&["6.6.6.6", "198.51.100.7", "10.1.1.1"]);
         assert_eq!(client_ip(&trusted, ip("127.0.0.1"), &lines), ip("198.51.100.7"));
-        assert_eq!(header_value(true, ip("127.0.0.1"), &h), "6.6.6.6, 198.51.100.7, 10.1.1.1, 127.0.0.1");
-        assert_eq!(header_value(true, ip("127.0.0.1"), &lines), "6.6.6.6, 198.51.100.7, 10.1.1.1, 127.0.0.1");
+        assert_eq!(header_value(true, &peer_value(ip("127.0.0.1")), &h), "6.6.6.6, 198.51.100.7, 10.1.1.1, 127.0.0.1");
+        assert_eq!(
+            header_value(true, &peer_value(ip("127.0.0.1")), &lines),
+            "6.6.6.6, 198.51.100.7, 10.1.1.1, 127.0.0.1"
+        );
     }
 
     #[test]
     fn a_trusted_peer_without_a_header_is_itself_the_client() {
         let trusted = set(&["127.0.0.0/8"]);
         assert_eq!(client_ip(&trusted, ip("127.0.0.1"), &HeaderMap::new()), ip("127.0.0.1"));
-        assert_eq!(header_value(true, ip("127.0.0.1"), &HeaderMap::new()), "127.0.0.1");
+        assert_eq!(header_value(true, &peer_value(ip("127.0.0.1")), &HeaderMap::new()), "127.0.0.1");
         // All hops trusted: the left-most is the client.
         assert_eq!(client_ip(&trusted, ip("127.0.0.1"), &xff(&["127.0.0.9, 127.0.0.8"])), ip("127.0.0.9"));
     }
@@ -146,7 +154,7 @@ mod tests {
         let trusted = set(&["10.0.0.0/8"]);
         let h = xff(&["::ffff:192.0.2.1"]);
         assert_eq!(client_ip(&trusted, ip("::ffff:10.0.0.1"), &h), ip("192.0.2.1"));
-        assert_eq!(header_value(false, ip("::ffff:10.0.0.1"), &h), "10.0.0.1");
+        assert_eq!(header_value(false, &peer_value(ip("::ffff:10.0.0.1")), &h), "10.0.0.1");
     }
 
     proptest! {
@@ -172,7 +180,7 @@ mod tests {
             if !trusted.contains(peer) {
                 prop_assert_eq!(got, peer);
             }
-            let v = header_value(trusted.contains(peer), peer, &h);
+            let v = header_value(trusted.contains(peer), &peer_value(peer), &h);
             prop_assert!(v.to_str().unwrap().ends_with(&peer.to_string()));
         }
     }

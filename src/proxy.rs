@@ -38,6 +38,15 @@ pub struct ConnInfo {
     /// The address the client connected to.
     pub local: SocketAddr,
     pub https: bool,
+    /// `peer` as `X-Forwarded-For` text, formatted once.
+    pub peer_header: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(listener: Arc<str>, peer: SocketAddr, local: SocketAddr, https: bool) -> ConnInfo {
+        let peer_header = crate::forwarded_for::peer_value(peer.ip());
+        ConnInfo { listener, peer, local, https, peer_header }
+    }
 }
 
 /// Why a request was not proxied.
@@ -200,7 +209,7 @@ async fn proxy(
     forward::upstream_request(
         &mut req,
         &forward::Upstream {
-            peer: conn.peer.ip(),
+            peer: &conn.peer_header,
             trusted_peer: snap.trusted_proxies.contains(conn.peer.ip()),
             https: conn.https,
             affinity_cookie,

@@ -101,7 +101,7 @@ impl Connection<'_> {
                 (handler, spec.and_then(|l| l.tls.clone()))
             }
         };
-        let info = Arc::new(ConnInfo { listener: self.name.clone(), peer, local, https: tls.is_some() });
+        let info = Arc::new(ConnInfo::new(self.name.clone(), peer, local, tls.is_some()));
         let rt = self.runtime.clone();
         let svc = service_fn(move |req| dispatch(handler.clone(), rt.clone(), info.clone(), req));
         let builders = self.builders.clone();
