@@ -56,16 +56,6 @@ pub(super) fn validate(cfg: &Config, errs: &mut Errors<'_>) {
     range(errs, "max_uri_bytes", &l.max_uri_bytes, URI_BYTES);
     range(errs, "max_connections", &l.max_connections, CONNECTIONS);
     range(errs, "max_concurrent_streams", &l.max_concurrent_streams, STREAMS);
-    if l.max_uri_bytes.get_ref() > l.max_header_bytes.get_ref() {
-        errs.at(
-            l.max_uri_bytes.span(),
-            format!(
-                "max_uri_bytes ({}) cannot exceed max_header_bytes ({}): the request line is part of the head",
-                l.max_uri_bytes.get_ref(),
-                l.max_header_bytes.get_ref()
-            ),
-        );
-    }
     let t = &cfg.timeouts;
     for (key, d) in
         [("header_read", &t.header_read), ("client_idle", &t.client_idle), ("request_body", &t.request_body)]

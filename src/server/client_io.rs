@@ -19,9 +19,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -50,6 +50,27 @@ pub(super) struct ConnShared {
     pub canceled: AtomicU64,
     /// Closes the connection now (a client abusing stream resets).
     pub abort: Notify,
+    /// The connection's task, woken when its last request ends (HTTP/2).
+    idle_waker: Mutex<Option<Waker>>,
+}
+
+impl ConnShared {
+    fn wake_when_idle(&self, waker: &Waker) {
+        let mut slot = self.idle_waker.lock().unwrap_or_else(|p| p.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    /// A request's handler ended; the last one starts the idle timer.
+    pub(super) fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let waker = self.idle_waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
 }
 
 const HEAD_TIMEOUT: &str = "client sent no complete request head in time (header_read)";
@@ -127,7 +148,14 @@ impl<S> ClientIo<S> {
     /// Pending until the deadline in force passes, then the timeout error.
     fn poll_timeout(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
-            let Some((deadline, what)) = self.deadline() else { return Poll::Pending };
+            let Some((deadline, what)) = self.deadline() else {
+                if self.scanner.is_none() {
+                    // HTTP/2 streams end on their own tasks: the last one
+                    // to end wakes this one, to start the idle timer.
+                    self.shared.wake_when_idle(cx.waker());
+                }
+                return Poll::Pending;
+            };
             if Instant::now() >= deadline {
                 if what == BODY_TIMEOUT {
                     self.shared.body_timed_out.store(true, Ordering::Relaxed);
@@ -246,6 +274,12 @@ impl<S> ClientIo<S> {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     self.last_progress = Instant::now();
+                    // hyper may not poll the read side again before the
+                    // client sends something: arm the timer from here (a
+                    // response just went out, so an idle deadline may start).
+                    if self.poll_timeout(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
                 }
                 Poll::Ready(Ok(n))
             }

@@ -143,7 +143,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let s = self.shared;
-        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        s.request_ended();
         if self.finished {
             s.completed.fetch_add(1, Ordering::Relaxed);
             return;
