@@ -9,7 +9,8 @@
 //! - [`live`]: per-backend state (in-flight, health, connection pool) that
 //!   survives reloads, keyed by backend identity.
 //! - [`upstream`], [`forward`], [`proxy`]: the request path.
-//! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
+//! - [`server`]: listeners, connections, client limits and timeouts,
+//!   request-smuggling checks, PROXY protocol, graceful shutdown; [`tls`]:
 //!   certificates and the rustls configuration; [`redirect`]: listeners that
 //!   send every request to HTTPS.
 //! - [`demo`]: the demo app server with in-memory sessions, and `tether demo`.

@@ -7,6 +7,13 @@
 //! address the new snapshot adds (so a bind failure fails the whole reload
 //! before anything changed), then [`Server::commit`] starts them and drains
 //! the removed ones.
+//!
+//! - `accept`: the accept loop, `max_connections`, backoff on accept errors.
+//! - `connection`: one connection: PROXY header, TLS, protocol, hyper.
+//! - `client_io`: the stream hyper reads: raw-head scan and client timeouts.
+//! - [`head_scan`]: request-smuggling checks on raw HTTP/1.1 bytes.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 parser.
+//! - `dispatch`: per request: rejected heads, 414, 408, then the handler.
 
 use std::io;
 use std::net::SocketAddr;

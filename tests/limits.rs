@@ -259,6 +259,21 @@ async fn graceful_shutdown_under_load_finishes_in_flight_requests_and_refuses_ne
     assert!(shutdown.await.unwrap(), "every in-flight request finished within the deadline");
 }
 
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_up_a_drain() {
+    // Both longer than the test waits: only the stop signal can end them.
+    let (_backend, lb) = echo_tether("[timeouts]\nheader_read = \"60s\"\nclient_idle = \"60s\"\n").await;
+    let mut silent = raw::connect(lb.addr()).await;
+    let mut proxied = raw::connect(lb.addr()).await;
+    proxied.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert_eq!(raw::read_response(&mut proxied).await.status, 200);
+    wait_for("both connections accepted", || async { open_connections(&lb) == 2 }).await;
+    let drained = tokio::time::timeout(WAIT_TIMEOUT, lb.shutdown(Duration::from_secs(60))).await;
+    assert_eq!(drained.ok(), Some(true), "the drain ends without waiting for header_read");
+    assert!(closed_without_a_response(&mut silent).await);
+    assert!(closed_without_a_response(&mut proxied).await, "the idle keep-alive connection is closed too");
+}
+
 // === HTTP/2 streams ===
 
 #[tokio::test]

@@ -96,7 +96,7 @@ async fn a_header_trickled_byte_by_byte_is_read_whole_and_nothing_after_it_is_lo
 async fn connections_without_a_valid_header_are_refused_without_reaching_a_backend() {
     let (backend, lb) = echo_behind_proxy_protocol().await;
     for bad in [
-        &GET[..],
+        GET,
         b"PROXY TCP4 203.0.113.7\r\n",
         b"PROXY TCP4 203.0.113.7 10.0.0.1 99999 80\r\n",
         b"PROXY TCP4 203.0.113.7 10.0.0.1 1 80\n",
@@ -157,4 +157,30 @@ async fn client_ip_hashing_uses_the_proxy_source_address() {
     }
     let used: BTreeSet<&String> = placed.values().collect();
     assert!(used.len() >= 2, "30 client addresses spread over the backends, not all on the balancer's: {placed:?}");
+}
+
+#[tokio::test]
+async fn a_reload_turns_the_proxy_protocol_on_for_new_connections_and_says_so() {
+    let backend = Backend::echo("a").await;
+    let dir = CertDir::new("proxy-reload");
+    let path = dir.file("tether.toml");
+    std::fs::write(&path, config().listener(Some("app")).cookie_pool("app", &[&backend]).build()).unwrap();
+    let lb = Tether::start_file(&path).await;
+    let mut open = raw::connect(lb.addr()).await;
+    open.write_all(GET).await.unwrap();
+    assert_eq!(raw::read_response(&mut open).await.status, 200);
+
+    std::fs::write(&path, config().raw(&listener_with_proxy_protocol()).cookie_pool("app", &[&backend]).build())
+        .unwrap();
+    let outcome = lb.reload().await;
+    assert!(outcome.ok, "{outcome:?}");
+    assert!(outcome.summary.contains("listener web: PROXY protocol enabled"), "{}", outcome.summary);
+
+    open.write_all(GET).await.unwrap();
+    assert_eq!(raw::read_response(&mut open).await.status, 200, "an open connection keeps what it had");
+    let resp = via_proxy_header(&lb, b"PROXY TCP4 203.0.113.9 10.0.0.1 1 80\r\n").await;
+    assert_eq!(forwarded_for(&resp).as_deref(), Some("203.0.113.9"));
+    let mut plain = raw::connect(lb.addr()).await;
+    plain.write_all(GET).await.unwrap();
+    assert!(raw::read_to_close(&mut plain).await.is_empty(), "a new connection without a header is refused");
 }

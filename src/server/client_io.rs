@@ -98,11 +98,21 @@ pub(super) struct ClientIo<S> {
     rejected: Option<Instant>,
     completion: &'static [u8],
     timer: Option<Pin<Box<Sleep>>>,
+    /// The connection's place under `max_connections`, held as long as the
+    /// stream lives (also inside an upgraded connection).
+    _permit: Option<super::Permit>,
 }
 
 impl<S> ClientIo<S> {
     /// `http1`: scan request heads. `started`: when the connection was accepted.
-    pub(super) fn new(inner: S, http1: bool, limits: &ClientLimits, shared: Arc<ConnShared>, started: Instant) -> Self {
+    pub(super) fn new(
+        inner: S,
+        http1: bool,
+        limits: &ClientLimits,
+        shared: Arc<ConnShared>,
+        started: Instant,
+        permit: Option<super::Permit>,
+    ) -> Self {
         ClientIo {
             inner,
             scanner: http1.then(HeadScanner::new),
@@ -117,6 +127,7 @@ impl<S> ClientIo<S> {
             rejected: None,
             completion: &[],
             timer: None,
+            _permit: permit,
         }
     }
 

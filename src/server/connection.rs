@@ -109,10 +109,7 @@ impl Connection<'_> {
             local,
             started,
         };
-        tokio::spawn(async move {
-            task.run(tcp).await;
-            drop(permit);
-        });
+        tokio::spawn(task.run(tcp, permit));
     }
 }
 
@@ -134,13 +131,26 @@ struct Task {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Task {
-    async fn run(self, mut tcp: TcpStream) {
+    /// `fut`, unless the listener stops first. Until HTTP starts (PROXY
+    /// header, TLS handshake, sniff) a stop ends the connection at once, so
+    /// a silent client does not hold up a drain.
+    async fn before_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            v = fut => Some(v),
+            _ = async { let _ = stop.wait_for(Option::is_some).await; } => None,
+        }
+    }
+
+    async fn run(self, mut tcp: TcpStream, permit: Permit) {
         let limits = self.builders.limits;
         let head_deadline = self.started + limits.header_read;
         let mut peer = self.peer;
         let mut surplus = Vec::new();
         if self.proxy_protocol {
-            match tokio::time::timeout_at(head_deadline, proxy_protocol::read_header(&mut tcp)).await {
+            let read = tokio::time::timeout_at(head_deadline, proxy_protocol::read_header(&mut tcp));
+            let Some(read) = self.before_stop(read).await else { return };
+            match read {
                 Ok(Ok((header, rest))) => {
                     peer = header.source.unwrap_or(peer);
                     surplus = rest;
@@ -171,7 +181,9 @@ impl Task {
         let result = match self.tls.clone() {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-                let stream = match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)).await {
+                let handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io));
+                let Some(handshake) = self.before_stop(handshake).await else { return };
+                let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -183,10 +195,12 @@ impl Task {
                     }
                 };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                self.serve_http(stream, h2, shared, svc).await
+                self.serve_http(stream, h2, shared, svc, permit).await
             }
             None => {
-                let h2 = match tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface()).await {
+                let sniff = tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface());
+                let Some(sniff) = self.before_stop(sniff).await else { return };
+                let h2 = match sniff {
                     Ok(Ok(h2)) => h2,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended before a request");
@@ -197,7 +211,7 @@ impl Task {
                         return;
                     }
                 };
-                self.serve_http(io, h2, shared, svc).await
+                self.serve_http(io, h2, shared, svc, permit).await
             }
         };
         if let Err(e) = result {
@@ -206,7 +220,14 @@ impl Task {
     }
 
     /// HTTP/2 or HTTP/1.1 on an established stream.
-    async fn serve_http<S, F>(self, io: S, h2: bool, shared: Arc<ConnShared>, svc: F) -> Result<(), BoxError>
+    async fn serve_http<S, F>(
+        self,
+        io: S,
+        h2: bool,
+        shared: Arc<ConnShared>,
+        svc: F,
+        permit: Permit,
+    ) -> Result<(), BoxError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
@@ -220,7 +241,7 @@ impl Task {
             return Ok(());
         }
         let limits = self.builders.limits;
-        let io = TokioIo::new(ClientIo::new(io, !h2, &limits, shared.clone(), self.started));
+        let io = TokioIo::new(ClientIo::new(io, !h2, &limits, shared.clone(), self.started, Some(permit)));
         if h2 {
             let conn = self.watcher.watch(self.builders.h2.serve_connection(io, svc));
             return tokio::select! {

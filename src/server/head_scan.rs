@@ -208,6 +208,30 @@ impl HeadScanner {
                     i += n as usize;
                     self.state = State::Chunked(if n == left { Chunk::DataCr } else { Chunk::Data(left - n) });
                 }
+                // Fast path for a header line whose name is all at hand:
+                // compare the whole name instead of stepping through it.
+                State::LineStart
+                    if bytes.len() - i > NAMES[TRANSFER_ENCODING as usize].len()
+                        && !matches!(bytes[i], b'\r' | b'\n' | b' ' | b'\t') =>
+                {
+                    let name = match bytes[i].to_ascii_lowercase() {
+                        b'c' => CONTENT_LENGTH,
+                        b't' => TRANSFER_ENCODING,
+                        b'u' => UPGRADE,
+                        _ => {
+                            self.state = State::SkipLine;
+                            continue;
+                        }
+                    };
+                    let full = NAMES[name as usize];
+                    if bytes[i..i + full.len()].eq_ignore_ascii_case(full) && bytes[i + full.len()] == b':' {
+                        // The `:` is stepped next, as if matched byte by byte.
+                        i += full.len();
+                        self.state = State::Name { name, matched: full.len() as u8 };
+                    } else {
+                        self.state = State::SkipLine;
+                    }
+                }
                 State::SkipLine => match memchr(b'\n', &bytes[i..]) {
                     Some(p) => {
                         i += p + 1;
