@@ -190,6 +190,37 @@ fn request_path(c: &mut Criterion) {
     group.finish();
 }
 
+/// A browser-like request head as it arrives on the wire (about 500 bytes).
+const WIRE_HEAD: &[u8] = b"GET /cart?item=42 HTTP/1.1\r\nHost: shop.example.com\r\n\
+User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36\r\n\
+Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8\r\n\
+Accept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\n\
+Cookie: theme=dark; tether=0123456789abcdef0123456789abcdef0123456789ab; lang=en\r\n\
+Connection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+
+/// The raw-head framing scan every HTTP/1.1 request goes through, beside
+/// httparse on the same bytes (what hyper runs on them anyway).
+fn head_scan(c: &mut Criterion) {
+    use tether::server::head_scan::{HeadScanner, Verdict};
+    let mut group = c.benchmark_group("head_scan");
+    group.throughput(criterion::Throughput::Bytes(WIRE_HEAD.len() as u64));
+    group.bench_function("scan_browser_head", |b| {
+        let mut scanner = HeadScanner::new();
+        b.iter(|| {
+            let verdict = scanner.scan(black_box(WIRE_HEAD));
+            assert_eq!(verdict, Verdict::Pass);
+        });
+    });
+    group.bench_function("httparse_browser_head", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            black_box(req.parse(black_box(WIRE_HEAD)).is_ok())
+        });
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -201,6 +232,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = request_path
+    targets = request_path, head_scan
 }
 criterion_main!(benches);

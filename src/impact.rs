@@ -77,6 +77,14 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Impact {
                 if l.redirect != n.redirect {
                     out.listeners_changed.push(format!("{}: redirect changed", l.name));
                 }
+                if l.proxy_protocol != n.proxy_protocol {
+                    let what = if n.proxy_protocol { "enabled" } else { "disabled" };
+                    out.listeners_changed.push(format!("{}: PROXY protocol {what}", l.name));
+                }
+                if l.max_connections != n.max_connections {
+                    out.listeners_changed
+                        .push(format!("{}: max_connections {} -> {}", l.name, l.max_connections, n.max_connections));
+                }
             }
         }
     }

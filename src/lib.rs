@@ -12,7 +12,8 @@
 //!   (TLS and HTTP/2 to backends included); [`forwarded_for`] and [`cidr`]:
 //!   whose `X-Forwarded-For` is believed.
 //! - [`tunnel`]: upgraded connections (WebSocket), copied both ways.
-//! - [`server`]: listeners, connections, graceful shutdown; [`tls`]:
+//! - [`server`]: listeners, connections, client limits and timeouts,
+//!   request-smuggling checks, PROXY protocol, graceful shutdown; [`tls`]:
 //!   certificates and the rustls configuration; [`redirect`]: listeners that
 //!   send every request to HTTPS.
 //! - [`demo`]: the demo app server with in-memory sessions, and `tether demo`.

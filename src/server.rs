@@ -7,14 +7,19 @@
 //! address the new snapshot adds (so a bind failure fails the whole reload
 //! before anything changed), then [`Server::commit`] starts them and drains
 //! the removed ones.
+//!
+//! - `accept`: the accept loop, `max_connections`, backoff on accept errors.
+//! - `connection`: one connection: PROXY header, TLS, protocol, hyper.
+//! - `client_io`: the stream hyper reads: raw-head scan and client timeouts.
+//! - [`head_scan`]: request-smuggling checks on raw HTTP/1.1 bytes.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 parser.
+//! - `dispatch`: per request: rejected heads, 414, 408, then the handler.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,12 +27,15 @@ use tokio::task::JoinHandle;
 use crate::Runtime;
 use crate::snapshot::Snapshot;
 
+mod accept;
+mod client_io;
 mod connection;
-use connection::{Builders, Connection};
+mod dispatch;
+pub mod head_scan;
+pub mod proxy_protocol;
 
-/// A client must send its request head within this time (slowloris); it is
-/// also how long an idle keep-alive connection stays open.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+use accept::{Gate, Permit};
+
 /// The admin listener's name among listeners.
 pub const ADMIN: &str = "admin";
 
@@ -53,7 +61,7 @@ struct Running {
     local: SocketAddr,
     stop: watch::Sender<Option<Duration>>,
     task: JoinHandle<bool>,
-    connections: Arc<AtomicU64>,
+    connections: Arc<Gate>,
 }
 
 /// What a listener serves.
@@ -123,8 +131,8 @@ impl Server {
             let kind = if name == ADMIN { Kind::Admin } else { Kind::Proxy };
             tracing::info!(listener = %name, addr = %local, "listening");
             let (stop, stop_rx) = watch::channel(None);
-            let connections = Arc::new(AtomicU64::new(0));
-            let task = tokio::spawn(accept_loop(
+            let connections = Arc::new(Gate::default());
+            let task = tokio::spawn(accept::accept_loop(
                 runtime.clone(),
                 kind,
                 Arc::from(name.as_str()),
@@ -163,11 +171,7 @@ impl Server {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running
             .iter()
-            .map(|r| ListenerStat {
-                name: r.name.clone(),
-                addr: r.local,
-                connections: r.connections.load(Ordering::Relaxed),
-            })
+            .map(|r| ListenerStat { name: r.name.clone(), addr: r.local, connections: r.connections.open() })
             .collect()
     }
 
@@ -199,61 +203,4 @@ fn wanted(snap: &Snapshot) -> Vec<(String, SocketAddr)> {
         out.push((ADMIN.to_string(), admin.listen));
     }
     out
-}
-
-async fn accept_loop(
-    runtime: Arc<Runtime>,
-    kind: Kind,
-    name: Arc<str>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<Option<Duration>>,
-    connections: Arc<AtomicU64>,
-) -> bool {
-    let builders = Arc::new(Builders::new());
-    let graceful = GracefulShutdown::new();
-    let conn_stop = stop.clone();
-    let deadline = loop {
-        tokio::select! {
-            changed = stop.changed() => {
-                let deadline = if changed.is_ok() { *stop.borrow() } else { None };
-                break deadline.unwrap_or(Duration::ZERO);
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let conn = Connection {
-                        runtime: &runtime,
-                        builders: &builders,
-                        graceful: &graceful,
-                        stop: &conn_stop,
-                        name: &name,
-                    };
-                    conn.serve(kind, tcp, peer, Counted::new(&connections));
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    };
-    drop(listener);
-    tracing::info!(listener = %name, "stopped accepting; draining connections");
-    tokio::time::timeout(deadline, graceful.shutdown()).await.is_ok()
-}
-
-/// Counts a connection as open until dropped.
-struct Counted(Arc<AtomicU64>);
-
-impl Counted {
-    fn new(counter: &Arc<AtomicU64>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Counted(counter.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }

@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub shutdown_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed (see [`crate::forwarded_for`]).
     pub trusted_proxies: crate::cidr::CidrSet,
+    /// What one client connection may cost; read when a connection is accepted.
+    pub client: ClientLimits,
     pub admin: Option<AdminSpec>,
     pub access_log: crate::access_log::AccessLog,
 }
@@ -59,6 +61,47 @@ pub struct ListenerSpec {
     pub tls: Option<Arc<TlsSpec>>,
     /// `redirect_https`: every request gets a 308 and no pool is involved.
     pub redirect: Option<Arc<crate::redirect::Redirect>>,
+    /// Connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// Open connections at which the listener stops accepting.
+    pub max_connections: usize,
+}
+
+/// `[limits]` and the client-facing `[timeouts]`: what one client
+/// connection may cost. New connections take the current snapshot's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    /// Per listener, unless the listener sets its own.
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub header_read: Duration,
+    pub client_idle: Duration,
+    pub request_body: Duration,
+}
+
+impl ClientLimits {
+    fn from_config(cfg: &Config) -> ClientLimits {
+        let (l, t) = (&cfg.limits, &cfg.timeouts);
+        let size = |v: &toml::Spanned<u64>| usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+        ClientLimits {
+            max_header_bytes: size(&l.max_header_bytes),
+            max_uri_bytes: size(&l.max_uri_bytes),
+            max_connections: size(&l.max_connections),
+            max_concurrent_streams: u32::try_from(*l.max_concurrent_streams.get_ref()).unwrap_or(u32::MAX),
+            header_read: t.header_read.get_ref().0,
+            client_idle: t.client_idle.get_ref().0,
+            request_body: t.request_body.get_ref().0,
+        }
+    }
+}
+
+impl Default for ClientLimits {
+    /// The defaults of an empty configuration.
+    fn default() -> Self {
+        ClientLimits::from_config(&Config::default())
+    }
 }
 
 /// A TLS listener's settings.
@@ -246,6 +289,7 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
     for p in &cfg.pools {
         pools.push(compile_pool(&p.name, &p.value, registry, &mut transports)?);
     }
+    let client = ClientLimits::from_config(cfg);
     let mut listeners = Vec::with_capacity(cfg.listeners.len());
     for l in &cfg.listeners {
         listeners.push(ListenerSpec {
@@ -259,6 +303,12 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
                 .as_ref()
                 .map(|r| crate::redirect::Redirect::parse(r.get_ref()).map(Arc::new))
                 .transpose()?,
+            proxy_protocol: l.value.proxy_protocol,
+            max_connections: l
+                .value
+                .max_connections
+                .as_ref()
+                .map_or(client.max_connections, |m| usize::try_from(*m.get_ref()).unwrap_or(usize::MAX)),
         });
     }
     let mut router = Router::default();
@@ -291,6 +341,7 @@ pub fn compile(cfg: &Config, registry: &Registry, version: u64) -> Result<Snapsh
         pools,
         shutdown_timeout: cfg.timeouts.shutdown.0,
         trusted_proxies: crate::cidr::CidrSet::new(cfg.forwarding.resolved_trusted_proxies.iter().copied()),
+        client,
         admin: cfg.admin.as_ref().map(|a| AdminSpec { listen: a.listen.get_ref().0, token: a.resolved_token.clone() }),
     })
 }

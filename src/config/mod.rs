@@ -10,11 +10,13 @@
 //! These types are what the operator writes. They never reach the request
 //! path: [`crate::snapshot`] compiles them into the runtime form.
 
+mod limits;
 mod tls;
 mod transport;
 mod types;
 mod validate;
 
+pub use limits::LimitsSection;
 pub use tls::{SniSection, TlsSection, TlsVersion};
 pub use types::*;
 
@@ -95,12 +97,15 @@ pub fn parse(name: &str, text: &str, base_dir: Option<&Path>) -> Result<Config, 
             "log" => file.log = errs.section(value).unwrap_or_default(),
             "timeouts" => file.timeouts = errs.section(value).unwrap_or_default(),
             "forwarding" => file.forwarding = errs.section(value).unwrap_or_default(),
+            "limits" => file.limits = errs.section(value).unwrap_or_default(),
             "listeners" => file.listeners = errs.named_sections(value, "listeners"),
             "pools" => file.pools = errs.named_sections(value, "pools"),
             "routes" => file.routes = errs.array_sections(value, "routes"),
             other => errs.at(
                 key.span(),
-                format!("unknown section `{other}`; expected one of: admin, log, timeouts, forwarding, listeners, routes, pools"),
+                format!(
+                    "unknown section `{other}`; expected one of: admin, log, timeouts, limits, forwarding, listeners, routes, pools"
+                ),
             ),
         }
     }

@@ -20,6 +20,7 @@ pub struct Config {
     pub log: LogSection,
     pub timeouts: GlobalTimeouts,
     pub forwarding: ForwardingSection,
+    pub limits: super::LimitsSection,
     pub listeners: Vec<Named<ListenerSection>>,
     pub routes: Vec<RouteSection>,
     pub pools: Vec<Named<PoolSection>>,
@@ -99,11 +100,27 @@ pub enum AccessFormat {
 pub struct GlobalTimeouts {
     /// How long in-flight requests may run after SIGINT/SIGTERM. Default 30 s.
     pub shutdown: Dur,
+    /// A request head must arrive whole within this time from its first
+    /// byte (from the connection's start for the first request; covers the
+    /// PROXY header and the HTTP/2 preface too). Default 10 s.
+    pub header_read: Spanned<Dur>,
+    /// A connection with no request in progress and nothing read or written
+    /// for this long is closed (HTTP/1.1 keep-alive, HTTP/2, upgraded
+    /// connections). Default 60 s.
+    pub client_idle: Spanned<Dur>,
+    /// A request body that sends nothing for this long is answered with 408
+    /// and its connection closed (HTTP/1.1). Default 30 s.
+    pub request_body: Spanned<Dur>,
 }
 
 impl Default for GlobalTimeouts {
     fn default() -> Self {
-        GlobalTimeouts { shutdown: Dur(Duration::from_secs(30)) }
+        GlobalTimeouts {
+            shutdown: Dur(Duration::from_secs(30)),
+            header_read: super::limits::default_header_read(),
+            client_idle: super::limits::default_client_idle(),
+            request_body: super::limits::default_request_body(),
+        }
     }
 }
 
@@ -134,6 +151,13 @@ pub struct ListenerSection {
     /// request's host without port), plus the request's path and query.
     #[serde(default)]
     pub redirect_https: Option<Spanned<String>>,
+    /// Every connection starts with a PROXY protocol (v1 or v2) header from
+    /// an L4 balancer; its source address is the client's.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Overrides `[limits] max_connections` for this listener.
+    #[serde(default)]
+    pub max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -91,6 +91,7 @@ pub(super) fn validate(mut cfg: Config, base_dir: &Path, errs: &mut Errors<'_>) 
     for l in &mut cfg.listeners {
         super::tls::validate_listener(&mut l.value, base_dir, errs);
     }
+    super::limits::validate(&cfg, errs);
 
     for r in &cfg.routes {
         if !pool_names.contains(r.pool.get_ref().as_str()) {

@@ -1,8 +1,9 @@
-//! One accepted client connection: the TLS handshake (bounded in time) when
-//! the listener terminates TLS, then HTTP with the protocol ALPN chose, under
-//! the listener's graceful shutdown.
+//! One accepted client connection, in order: the PROXY protocol header
+//! when the listener expects one, the TLS handshake (bounded in time) when
+//! it terminates TLS, the protocol (ALPN over TLS; on plain listeners a
+//! sniff for the HTTP/2 preface, under the header timeout), then HTTP
+//! through [`ClientIo`] under the listener's graceful shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,69 +13,60 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use super::{Counted, HEADER_READ_TIMEOUT, Kind};
+use super::client_io::{ClientIo, ConnShared, Prefixed};
+use super::dispatch::{self, Dispatch, Handler};
+use super::{Kind, Permit, proxy_protocol};
 use crate::Runtime;
-use crate::proxy::{self, ConnInfo};
-use crate::redirect::Redirect;
-use crate::snapshot::TlsSpec;
+use crate::proxy::ConnInfo;
+use crate::snapshot::{ClientLimits, Snapshot, TlsSpec};
 use crate::upstream::Body;
 
-/// HTTP/2 keep-alive pings find dead clients.
-const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Streams a client may reset before their handler was even started;
+/// beyond this h2 answers GOAWAY (`ENHANCE_YOUR_CALM`).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams tether may reset for a client's protocol errors before closing.
+const MAX_LOCAL_ERROR_RESETS: usize = 256;
 
-/// The HTTP servers of one listener, built once.
+/// The HTTP servers of one listener for one set of limits, built once.
 pub(super) struct Builders {
-    /// Plain connections: HTTP/1.1, or h2c by prior knowledge (sniffed).
-    auto: auto::Builder<TokioExecutor>,
-    /// TLS connections that negotiated `http/1.1` or nothing: no sniffing,
-    /// so the header read timeout applies from the first byte.
+    pub limits: ClientLimits,
+    /// HTTP/1.1 (with upgrades). Its header timer is off: [`ClientIo`]
+    /// times heads, and the time between requests apart.
     h1: http1::Builder,
-    /// TLS connections that negotiated `h2`.
     h2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
-    pub(super) fn new() -> Self {
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-        auto.http2().timer(TokioTimer::new()).keep_alive_interval(H2_KEEP_ALIVE);
+    pub(super) fn new(limits: ClientLimits) -> Self {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+        h1.header_read_timeout(None).max_header_size(limits.max_header_bytes);
+        // hyper's read buffer (~400 KiB by default) must hold a whole head.
+        if limits.max_header_bytes > 256 * 1024 {
+            h1.max_buf_size(limits.max_header_bytes + 8 * 1024);
+        }
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).keep_alive_interval(H2_KEEP_ALIVE);
-        Builders { auto, h1, h2 }
-    }
-}
-
-/// What a connection's requests are answered by.
-#[derive(Clone)]
-enum Handler {
-    Proxy,
-    Admin,
-    Redirect(Arc<Redirect>),
-}
-
-async fn dispatch(
-    handler: Handler,
-    rt: Arc<Runtime>,
-    info: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    match handler {
-        Handler::Proxy => proxy::handle(rt, info, req).await,
-        Handler::Admin => crate::admin::handle(rt, info, req).await,
-        Handler::Redirect(r) => crate::redirect::handle(rt, info, r, req).await,
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+            // No pings: they would count as activity; `client_idle` finds
+            // dead clients instead.
+            .keep_alive_interval(None);
+        Builders { limits, h1, h2 }
     }
 }
 
 /// What serving one accepted connection needs from its listener.
 pub(super) struct Connection<'a> {
     pub runtime: &'a Arc<Runtime>,
+    pub snapshot: &'a Snapshot,
     pub builders: &'a Arc<Builders>,
     pub graceful: &'a GracefulShutdown,
     /// Becomes `Some` when the listener stops.
@@ -83,102 +75,195 @@ pub(super) struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    /// Serves `tcp` on its own task. TLS and the redirect are taken from the
-    /// current snapshot's listener, so a reload applies to new connections
-    /// (rotated certificates included) while open ones keep what they had.
-    pub(super) fn serve(self, kind: Kind, tcp: TcpStream, peer: SocketAddr, counted: Counted) {
+    /// Serves `tcp` on its own task. TLS, the redirect, the PROXY protocol
+    /// and limits are taken from the current snapshot, so a reload applies
+    /// to new connections (rotated certificates included) while open ones
+    /// keep what they had.
+    pub(super) fn serve(self, kind: Kind, tcp: TcpStream, peer: SocketAddr, permit: Permit) {
+        let started = Instant::now();
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().unwrap_or(peer);
-        let (handler, tls) = match kind {
-            Kind::Admin => (Handler::Admin, None),
+        let (handler, tls, proxy_protocol) = match kind {
+            Kind::Admin => (Handler::Admin, None, false),
             Kind::Proxy => {
-                let snap = self.runtime.snapshot();
-                let spec = snap.listener(self.name);
+                let spec = self.snapshot.listener(self.name);
                 let handler = match spec.and_then(|l| l.redirect.clone()) {
                     Some(r) => Handler::Redirect(r),
                     None => Handler::Proxy,
                 };
-                (handler, spec.and_then(|l| l.tls.clone()))
+                (handler, spec.and_then(|l| l.tls.clone()), spec.is_some_and(|l| l.proxy_protocol))
             }
         };
-        let info = Arc::new(ConnInfo::new(self.name.clone(), peer, local, tls.is_some()));
-        let rt = self.runtime.clone();
-        let svc = service_fn(move |req| dispatch(handler.clone(), rt.clone(), info.clone(), req));
-        let builders = self.builders.clone();
-        // Taken now, so that a drain that starts during the TLS handshake
-        // still waits for this connection.
-        let watcher = self.graceful.watcher();
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None if kind == Kind::Admin => {
-                    watcher.watch(builders.auto.serve_connection(TokioIo::new(tcp), svc)).await
-                }
-                None => watcher.watch(builders.auto.serve_connection_with_upgrades(TokioIo::new(tcp), svc)).await,
-                Some(tls) => serve_tls(tcp, peer, &tls, &builders, svc, watcher, stop).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-            drop(counted);
-        });
+        let task = Task {
+            runtime: self.runtime.clone(),
+            builders: self.builders.clone(),
+            // Taken now, so that a drain that starts before HTTP does (in
+            // the PROXY header or the TLS handshake) still waits for this.
+            watcher: self.graceful.watcher(),
+            stop: self.stop.clone(),
+            listener: self.name.clone(),
+            handler,
+            tls,
+            proxy_protocol,
+            peer,
+            local,
+            started,
+        };
+        tokio::spawn(task.run(tcp, permit));
     }
+}
+
+/// A connection's own task.
+struct Task {
+    runtime: Arc<Runtime>,
+    builders: Arc<Builders>,
+    watcher: Watcher,
+    stop: watch::Receiver<Option<Duration>>,
+    listener: Arc<str>,
+    handler: Handler,
+    tls: Option<Arc<TlsSpec>>,
+    proxy_protocol: bool,
+    peer: SocketAddr,
+    local: SocketAddr,
+    started: Instant,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The handshake under the listener's timeout (a failure costs only this
-/// connection and is logged at debug level), then HTTP/2 or HTTP/1.1 as
-/// ALPN chose.
-async fn serve_tls<S>(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tls: &TlsSpec,
-    builders: &Builders,
-    svc: S,
-    watcher: Watcher,
-    mut stop: watch::Receiver<Option<Duration>>,
-) -> Result<(), BoxError>
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-    let stream = match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+impl Task {
+    /// `fut`, unless the listener stops first. Until HTTP starts (PROXY
+    /// header, TLS handshake, sniff) a stop ends the connection at once, so
+    /// a silent client does not hold up a drain.
+    async fn before_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            v = fut => Some(v),
+            _ = async { let _ = stop.wait_for(Option::is_some).await; } => None,
+        }
+    }
+
+    async fn run(self, mut tcp: TcpStream, permit: Permit) {
+        let limits = self.builders.limits;
+        let head_deadline = self.started + limits.header_read;
+        let mut peer = self.peer;
+        let mut surplus = Vec::new();
+        if self.proxy_protocol {
+            let read = tokio::time::timeout_at(head_deadline, proxy_protocol::read_header(&mut tcp));
+            let Some(read) = self.before_stop(read).await else { return };
+            match read {
+                Ok(Ok((header, rest))) => {
+                    peer = header.source.unwrap_or(peer);
+                    surplus = rest;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "connection without a valid PROXY header refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "no PROXY header within header_read; connection closed");
+                    return;
+                }
+            }
+        }
+        let mut io = Prefixed::new(tcp, surplus);
+        let shared = Arc::new(ConnShared::default());
+        let info = Arc::new(ConnInfo::new(self.listener.clone(), peer, self.local, self.tls.is_some()));
+        let dispatch = Arc::new(Dispatch {
+            handler: self.handler.clone(),
+            runtime: self.runtime.clone(),
+            info,
+            shared: shared.clone(),
+            max_uri_bytes: limits.max_uri_bytes,
+        });
+        let svc = service_fn(move |req| dispatch::call(dispatch.clone(), req));
+
+        let result = match self.tls.clone() {
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+                let handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io));
+                let Some(handshake) = self.before_stop(handshake).await else { return };
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, timeout = ?tls.handshake_timeout, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.serve_http(stream, h2, shared, svc, permit).await
+            }
+            None => {
+                let sniff = tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface());
+                let Some(sniff) = self.before_stop(sniff).await else { return };
+                let h2 = match sniff {
+                    Ok(Ok(h2)) => h2,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "client connection ended before a request");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "no request within header_read; connection closed");
+                        return;
+                    }
+                };
+                self.serve_http(io, h2, shared, svc, permit).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    }
+
+    /// HTTP/2 or HTTP/1.1 on an established stream.
+    async fn serve_http<S, F>(
+        self,
+        io: S,
+        h2: bool,
+        shared: Arc<ConnShared>,
+        svc: F,
+        permit: Permit,
+    ) -> Result<(), BoxError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + 'static,
+        F::Future: Send + 'static,
+    {
+        if self.stop.borrow().is_some() {
+            // The listener stopped during the PROXY header, handshake or sniff.
             return Ok(());
         }
-        Err(_) => {
-            tracing::debug!(%peer, timeout = ?tls.handshake_timeout, "TLS handshake timed out");
-            return Ok(());
+        let limits = self.builders.limits;
+        let io = TokioIo::new(ClientIo::new(io, !h2, &limits, shared.clone(), self.started, Some(permit)));
+        if h2 {
+            let conn = self.watcher.watch(self.builders.h2.serve_connection(io, svc));
+            return tokio::select! {
+                result = conn => Ok(result?),
+                () = shared.abort.notified() => {
+                    tracing::info!(peer = %self.peer, "HTTP/2 client reset too many streams; connection closed");
+                    Ok(())
+                }
+            };
         }
-    };
-    if stop.borrow().is_some() {
-        // The listener stopped during the handshake.
-        return Ok(());
-    }
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let io = TokioIo::new(stream);
-    if h2 {
-        return Ok(watcher.watch(builders.h2.serve_connection(io, svc)).await?);
-    }
-    // hyper-util's graceful shutdown cannot watch an HTTP/1 connection with
-    // upgrades (WebSockets need them): the listener's stop signal starts its
-    // graceful shutdown instead, and the held watcher keeps the drain
-    // waiting for it.
-    let _draining = watcher;
-    let conn = builders.h1.serve_connection(io, svc).with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => Ok(result?),
-        _ = async { let _ = stop.wait_for(Option::is_some).await; } => {
-            conn.as_mut().graceful_shutdown();
-            Ok(conn.await?)
+        // hyper-util's graceful shutdown cannot watch an HTTP/1 connection
+        // with upgrades (WebSockets need them): the listener's stop signal
+        // starts its graceful shutdown instead, and the held watcher keeps
+        // the drain waiting for it.
+        let (_draining, mut stop) = (self.watcher, self.stop);
+        let conn = self.builders.h1.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => Ok(result?),
+            _ = async { let _ = stop.wait_for(Option::is_some).await; } => {
+                conn.as_mut().graceful_shutdown();
+                Ok(conn.await?)
+            }
         }
     }
 }

@@ -22,8 +22,10 @@
 //! - [`tls`]: a test CA, certificate files, HTTPS clients.
 //! - [`servers`]: TLS and HTTP/2 backends, a test CA; [`ws`]: WebSocket
 //!   backends and clients.
+//! - [`raw`]: raw HTTP/1.1 over TCP or TLS, byte by byte when needed.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod servers;
 pub mod tls;
 pub mod ws;
@@ -950,6 +952,43 @@ impl Binary {
             .unwrap();
         let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
         Binary { child, lines: Some(lines) }
+    }
+
+    /// Starts `tether ARGS` like [`Binary::spawn`], through `sh` with its
+    /// descriptor limit (`ulimit -n`) set to `nofile`: only that process is
+    /// limited, never the test's.
+    pub fn spawn_with_fd_limit(nofile: u32, args: &[&str]) -> Binary {
+        use tokio::io::AsyncBufReadExt;
+        let script = format!("ulimit -n {nofile} && exec \"$0\" \"$@\"");
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(TETHER)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        Binary { child, lines: Some(lines) }
+    }
+
+    /// Reads the log until a line contains `needle`, and returns that line.
+    pub async fn wait_for_line(&mut self, needle: &str) -> String {
+        let lines = self.lines.as_mut().expect("the log is still being read");
+        tokio::time::timeout(WAIT_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            panic!("tether exited before logging `{needle}`");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with `{needle}`"))
     }
 
     /// Waits for the `listening listener=NAME addr=ADDR` log line of each
