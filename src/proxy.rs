@@ -58,6 +58,8 @@ pub enum ProxyError {
     PinnedUnavailable,
     Connect(ConnectError),
     Upstream(hyper::Error),
+    /// The client's request body failed while it was being sent on.
+    ClientBody(hyper::Error),
     /// The backend switched protocols for a request that did not ask to.
     UnaskedSwitch,
     Timeout,
@@ -74,6 +76,7 @@ impl ProxyError {
             }
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -87,6 +90,7 @@ impl ProxyError {
             ProxyError::Upstream(_) | ProxyError::UnaskedSwitch => "bad gateway: backend failed\n",
             ProxyError::Timeout => "gateway timeout: backend did not answer in time\n",
             ProxyError::QueueTimeout => "backend busy: too many requests waiting; retry later\n",
+            ProxyError::ClientBody(_) => "bad request: the request body did not arrive completely\n",
         }
     }
 
@@ -108,6 +112,7 @@ impl std::fmt::Display for ProxyError {
                 _ => write!(f, "backend failed before a complete response: {e}"),
             },
             ProxyError::UnaskedSwitch => f.write_str("backend switched protocols unasked"),
+            ProxyError::ClientBody(e) => write!(f, "client request body failed: {e}"),
             other => f.write_str(other.message().trim_end()),
         }
     }
@@ -262,6 +267,10 @@ async fn proxy(
                 req = *request;
                 ProxyError::Connect(cause)
             }
+            // The client's request body broke off (the client went away or
+            // stalled past `request_body`): not the backend's fault, and
+            // nothing to retry.
+            Ok(Err(SendError::Failed(e))) if is_client_body_error(&e) => break Err(ProxyError::ClientBody(e)),
             Ok(Err(SendError::Failed(e))) => {
                 backend.live.count_failure(Failure::of_send_error(&e));
                 passive_failure(runtime, pool, backend, "connection failed");
@@ -326,6 +335,14 @@ fn switch(
     let mut resp = resp.map(|_| empty_body());
     forward::downstream_switch(&mut resp, set_cookie);
     Ok(resp)
+}
+
+/// Whether sending failed because the client's request body did: hyper
+/// reports an error of the body stream it was given as a user error whose
+/// cause is the client connection's own error.
+fn is_client_body_error(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    e.is_user() && e.source().is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// 502, 503 and 504 from a backend count as its failures (passive health).

@@ -146,6 +146,28 @@ async fn a_stalled_request_body_gets_408_and_the_connection_is_closed() {
 }
 
 #[tokio::test]
+async fn a_client_whose_body_stalls_does_not_count_against_the_backend() {
+    // One failure would eject the backend if the client's fault counted.
+    let backend = Backend::bulk("bulk").await;
+    let extra = "[timeouts]\nrequest_body = \"1s\"\n\n[pools.app.passive]\nconsecutive_failures = 1\n";
+    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).raw(extra).build()).await;
+    let mut tcp = raw::connect(lb.addr()).await;
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    let got = raw::responses(&raw::read_to_close(&mut tcp).await);
+    assert_eq!(got.first().map(|r| r.status), Some(408), "{got:?}");
+
+    let live = &lb.runtime().snapshot().pools[0].backends[0].live;
+    wait_for("the request to finish", || async { live.in_flight() == 0 }).await;
+    assert!(live.is_up(), "a client's stalled body ejected the backend");
+    let failures = tether::metrics::render(lb.runtime());
+    assert!(
+        !failures.lines().any(|l| l.starts_with("tether_backend_failures_total") && !l.ends_with(" 0")),
+        "no backend failure was counted:\n{failures}"
+    );
+    assert_eq!(fetch(client().post(lb.url("/upload")).body("abc")).await.status, 200);
+}
+
+#[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut_by_request_body() {
     let backend = Backend::bulk("bulk").await;
     let extra = "[timeouts]\nrequest_body = \"1s\"\n";
