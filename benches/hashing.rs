@@ -20,14 +20,19 @@ fn table(algorithm: Algorithm, names: &[String]) -> HashTable {
     HashTable::build(algorithm, &entries)
 }
 
-/// A new, well-mixed key hash per call (one add), so every lookup lands
-/// somewhere else in the table as real traffic would.
+/// A new, well-mixed key hash per call (splitmix64: an add and a mix), so
+/// every lookup lands somewhere else in the table as real traffic would and
+/// the branch predictor cannot learn the sequence (a bare golden-ratio
+/// step is regular enough that it partly does).
 struct FreshHashes(u64);
 
 impl FreshHashes {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        self.0
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 
@@ -39,6 +44,24 @@ fn lookup(c: &mut Criterion) {
             let mut hashes = FreshHashes(1);
             group.bench_with_input(BenchmarkId::from_parameter(n), &table, |b, t| {
                 b.iter(|| t.owner(black_box(hashes.next())));
+            });
+        }
+        group.finish();
+
+        // Latency rather than throughput: each key depends on the previous
+        // answer, so lookups cannot overlap in the CPU (a request does one
+        // lookup among much other work, so this is the closer figure).
+        let mut group = c.benchmark_group(format!("{label}_owner_chained"));
+        for n in [3usize, 10, 100, 1000] {
+            let table = table(algorithm, &names(n));
+            let mut hashes = FreshHashes(1);
+            let mut last = 0usize;
+            group.bench_with_input(BenchmarkId::from_parameter(n), &table, |b, t| {
+                b.iter(|| {
+                    let h = hashes.next() ^ last as u64;
+                    last = t.owner(h).unwrap_or(0);
+                    last
+                });
             });
         }
         group.finish();
@@ -65,7 +88,7 @@ fn lookup(c: &mut Criterion) {
 fn build(c: &mut Criterion) {
     for (label, algorithm) in [("ring", Algorithm::Ring), ("maglev", Algorithm::Maglev)] {
         let mut group = c.benchmark_group(format!("{label}_build"));
-        for n in [10usize, 100] {
+        for n in [10usize, 100, 1000] {
             let names = names(n);
             let entries: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
             group.bench_with_input(BenchmarkId::from_parameter(n), &entries, |b, e| {

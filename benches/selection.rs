@@ -15,7 +15,7 @@ use tether::live::Registry;
 use tether::select::{RequestKey, select};
 use tether::snapshot::{Pool, Snapshot, compile};
 
-const BACKENDS: [usize; 3] = [3, 10, 100];
+const BACKENDS: [usize; 4] = [3, 10, 100, 1000];
 
 /// Weights 1..=4 in turn, and a varied in-flight count per backend.
 fn pool_state(n: usize) -> (Vec<u32>, Vec<u64>, Vec<bool>) {
@@ -36,11 +36,12 @@ fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("least_conn");
     for n in BACKENDS {
         let (weights, loads, up) = pool_state(n);
-        let mut start = 0usize;
+        let rr = RoundRobin::new(&weights);
+        let mut turn = 0usize;
         group.bench_with_input(BenchmarkId::from_parameter(n), &weights, |b, w| {
             b.iter(|| {
-                start = start.wrapping_add(1);
-                least_conn(black_box(w), start, |i| loads[i], |i| up[i])
+                turn = turn.wrapping_add(1);
+                least_conn(black_box(w), rr.sequence(), turn, |i| loads[i], |i| up[i])
             });
         });
     }
@@ -49,8 +50,9 @@ fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("power_of_two");
     for n in BACKENDS {
         let (weights, loads, up) = pool_state(n);
+        let rr = RoundRobin::new(&weights);
         group.bench_with_input(BenchmarkId::from_parameter(n), &weights, |b, w| {
-            b.iter(|| power_of_two(black_box(w), |i| loads[i], |i| up[i]));
+            b.iter(|| power_of_two(black_box(w), rr.sequence(), |i| loads[i], |i| up[i]));
         });
     }
     group.finish();
@@ -65,9 +67,11 @@ fn config_text(n: usize) -> String {
          [pools.ring]\naffinity = \"hash\"\nbalance = \"least_conn\"\n\
          [pools.ring.hash]\nkey = \"header:X-User-Id\"\nalgorithm = \"ring\"\n\n\
          [pools.maglev]\naffinity = \"hash\"\nbalance = \"least_conn\"\n\
-         [pools.maglev.hash]\nkey = \"header:X-User-Id\"\nalgorithm = \"maglev\"\nbounded_load = 1.25\n",
+         [pools.maglev.hash]\nkey = \"header:X-User-Id\"\nalgorithm = \"maglev\"\nbounded_load = 1.25\n\n\
+         [pools.least_conn]\naffinity = \"none\"\nbalance = \"least_conn\"\n\n\
+         [pools.random]\naffinity = \"none\"\nbalance = \"random\"\n",
     );
-    for pool in ["sticky", "ring", "maglev"] {
+    for pool in ["sticky", "ring", "maglev", "least_conn", "random"] {
         for i in 0..n {
             let _ = write!(t, "\n[[pools.{pool}.backends]]\nname = \"app{i}\"\naddr = \"127.0.0.1:{}\"\n", 9000 + i);
         }
@@ -124,6 +128,24 @@ fn request(c: &mut Criterion) {
     let maglev = pool(&snap, "maglev");
     group.bench_function("hash_pool_maglev_bounded_header_key", |b| b.iter(|| select(maglev, black_box(&req))));
     group.finish();
+
+    // The balancing policies on the real path: loads, states and health
+    // read from the backends' atomics. Weight-1 backends with the same
+    // varied in-flight counts as the picks above, held by real guards.
+    let no_cookie = HeaderMap::new();
+    let req = RequestKey { headers: &no_cookie, uri: &uri, client_ip };
+    for policy in ["least_conn", "random"] {
+        let mut group = c.benchmark_group(format!("select_{policy}_pool"));
+        for n in [10usize, 100, 1000] {
+            let snap = snapshot(n);
+            let pool = pool(&snap, policy);
+            let _in_flight: Vec<_> = (pool.backends.iter().enumerate())
+                .flat_map(|(i, b)| (0..(i * 7) % 13).map(|_| b.live.start_request()))
+                .collect();
+            group.bench_with_input(BenchmarkId::from_parameter(n), pool, |b, p| b.iter(|| select(p, black_box(&req))));
+        }
+        group.finish();
+    }
 }
 
 fn config() -> Criterion {

@@ -179,10 +179,10 @@ pub fn pick_new(pool: &Pool, also: impl Fn(usize) -> bool) -> Option<usize> {
     let pick = |eligible: &dyn Fn(usize) -> bool| match pool.balance {
         Balance::RoundRobin => pool.round_robin.pick(eligible),
         Balance::LeastConn => {
-            let start = pool.tie_breaker.fetch_add(1, Ordering::Relaxed);
-            balance::least_conn(&pool.weights, start, load, eligible)
+            let turn = pool.tie_breaker.fetch_add(1, Ordering::Relaxed);
+            balance::least_conn(&pool.weights, pool.round_robin.sequence(), turn, load, eligible)
         }
-        Balance::Random => balance::power_of_two(&pool.weights, load, eligible),
+        Balance::Random => balance::power_of_two(&pool.weights, pool.round_robin.sequence(), load, eligible),
     };
     // A backend at its `max_connections` is passed over while another has
     // room; when all are full the request queues at the policy's choice.

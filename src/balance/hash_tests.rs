@@ -334,6 +334,54 @@ fn a_single_backend_owns_every_key() {
     }
 }
 
+#[test]
+fn ring_index_finds_the_same_point_as_a_binary_search() {
+    // The bucket index only speeds the search up: for every hash it must
+    // land on the first point at or after it, as a binary search does.
+    let search = |points: &[u64], hash: u64| {
+        let i = points.partition_point(|p| p & !INDEX_MASK < hash & !INDEX_MASK);
+        if i == points.len() { 0 } else { i }
+    };
+    for n in [1usize, 2, 3, 10, 100, 1000] {
+        let pool = Pool::equal(Algorithm::Ring, n);
+        let Kind::Ring(ring) = &pool.table.kind else { panic!("a ring") };
+        let points = &ring.points;
+        let mut hashes: Vec<u64> = keys(20_000).to_vec();
+        hashes.extend([0, 1, u64::MAX, u64::MAX - 1, 1 << 63]);
+        // Exactly on points, just before and after them, with any index bits.
+        for p in points.iter().step_by(points.len() / 500 + 1).chain(points.last()) {
+            let pos = p & !INDEX_MASK;
+            hashes.extend([pos, pos | INDEX_MASK, pos.wrapping_sub(1), pos.wrapping_add(INDEX_MASK + 1)]);
+        }
+        for h in hashes {
+            assert_eq!(ring.start(h), Some(search(points, h)), "n={n} hash {h:#x}");
+        }
+    }
+    assert_eq!(Pool::new(Algorithm::Ring, &[(0, 0)]).table.owner(42), None);
+}
+
+#[test]
+fn maglev_gives_every_weighted_backend_at_least_one_slot() {
+    // 300 backends of weight 256 and one of weight 1: its share (1/76,801)
+    // is below one slot of the 65,537-slot table, and plain weighted Maglev
+    // fills the table before it earns its first turn. It gets one slot.
+    let mut members: Vec<(usize, u32)> = (0..300).map(|id| (id, 256)).collect();
+    members.push((300, 1));
+    let pool = Pool::new(Algorithm::Maglev, &members);
+    let shares = pool.table.shares();
+    assert_eq!(shares.iter().sum::<u64>(), 65_537);
+    assert_eq!(shares[300], 1, "the weight-1 backend");
+    assert!(shares[..300].iter().all(|&s| (217..=219).contains(&s)), "{:?}", &shares[..300]);
+    assert_eq!(pool.table.candidates(0).count(), 301);
+    // Several tiny ones among heavy ones, in any order of names.
+    let mut members: Vec<(usize, u32)> = (0..400).map(|id| (id, if id % 50 == 7 { 1 } else { 256 })).collect();
+    members.reverse();
+    let pool = Pool::new(Algorithm::Maglev, &members);
+    let shares = pool.table.shares();
+    assert_eq!(shares.iter().sum::<u64>(), 65_537);
+    assert!(shares.iter().all(|&s| s >= 1), "{shares:?}");
+}
+
 // === candidates ===
 
 fn assert_candidates(algorithm: Algorithm, weights: &[u32]) {
@@ -574,6 +622,26 @@ fn bounded_pick_is_the_first_candidate_with_room_and_deterministic() {
             assert_eq!(pool.table.pick_bounded(h, C, total, n as u64, |_| 1, |_| 0, |_| true), Some(walk[0]));
         }
     }
+}
+
+#[test]
+fn capacity_is_exact_for_factors_not_exact_in_binary() {
+    // 1.1 × 50 is 55.000000000000007 in f64; the bound is ⌈55⌉ = 55.
+    assert_eq!(capacity(1.1, 49, 1, 1), 55);
+    assert_eq!(capacity(1.1, 99, 1, 2), 55);
+    // Against exact rational arithmetic, c = k/100, over many shares.
+    for k in [101u64, 105, 110, 115, 120, 125, 130, 133, 150, 170, 200, 333] {
+        let c = k as f64 / 100.0;
+        for total in 0..500 {
+            for (w, tw) in [(1, 1), (1, 3), (2, 7), (3, 10), (1, 50), (256, 300)] {
+                let exact = (k * (total + 1) * u64::from(w)).div_ceil(100 * tw);
+                assert_eq!(capacity(c, total, w, tw), exact, "c {c}, total {total}, {w}/{tw}");
+            }
+        }
+    }
+    // Extremes do not wrap around.
+    assert_eq!(capacity(f64::MAX, u64::MAX, u32::MAX, 1), u64::MAX);
+    assert_eq!(capacity(1.25, u64::MAX - 1, 1, 1), u64::MAX);
 }
 
 #[test]

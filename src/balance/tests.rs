@@ -2,6 +2,8 @@
 //! thread-local PRNG; every test that calls it seeds that PRNG first (each
 //! test runs on its own thread), so the results are reproducible.
 
+use std::sync::Arc;
+
 use super::*;
 
 const A: usize = 0;
@@ -112,6 +114,49 @@ fn round_robin_skips_ineligible_backends() {
 }
 
 #[test]
+fn round_robin_survivors_share_in_proportion_to_their_weights() {
+    // A skipped backend's turn is not handed to the next one in the
+    // sequence: 1,1,1,1 with one down is a third each (not one survivor at
+    // 50%), and 5,1,1 with the 5 down is half each (not b at 71%).
+    for (weights, down, want) in [
+        (&[1u32, 1, 1, 1][..], &[1usize][..], &[100usize, 0, 100, 100][..]),
+        (&[5, 1, 1], &[A], &[0, 150, 150]),
+        (&[3, 2, 1, 4], &[3], &[150, 100, 50, 0]),
+        (&[3, 2, 1, 4], &[0, 2], &[0, 100, 0, 200]),
+    ] {
+        let rr = RoundRobin::new(weights);
+        let total: usize = want.iter().sum();
+        let seq = picks(&rr, total, |i| !down.contains(&i));
+        assert_eq!(count(&seq, weights.len()), want, "weights {weights:?}, down {down:?}");
+    }
+}
+
+#[test]
+fn round_robin_keeps_sharing_by_weight_under_concurrent_picks() {
+    // Each pick moves the position past the turns it skipped in the same
+    // atomic step, so concurrent picks consume disjoint runs of turns and
+    // the survivors' counts stay exact up to the last, partial period.
+    let rr = Arc::new(RoundRobin::new(&[1, 1, 1, 1, 2]));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let rr = Arc::clone(&rr);
+            std::thread::spawn(move || picks(&rr, 3000, |i| i != 1))
+        })
+        .collect();
+    let mut counts = vec![0usize; 5];
+    for t in threads {
+        for (c, k) in counts.iter_mut().zip(count(&t.join().expect("picker thread"), 5)) {
+            *c += k;
+        }
+    }
+    // 12,000 picks over weights 1,1,1,2 (backend 1 out): 2400 per unit.
+    assert_eq!(counts[1], 0);
+    for (i, unit) in [(0, 1), (2, 1), (3, 1), (4, 2)] {
+        assert!(counts[i].abs_diff(2400 * unit) <= unit, "{counts:?}");
+    }
+}
+
+#[test]
 fn round_robin_returns_none_when_nothing_is_eligible() {
     let rr = RoundRobin::new(&[5, 1, 1]);
     for _ in 0..10 {
@@ -161,35 +206,59 @@ fn smooth_sequence_scales_huge_weight_sets_down_keeping_every_positive_weight() 
 
 // === least connections ===
 
+/// `least_conn` over `weights` with the pool's own smooth sequence.
+fn lc(weights: &[u32], turn: usize, load: impl Fn(usize) -> u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    least_conn(weights, &smooth_sequence(weights), turn, load, eligible)
+}
+
 #[test]
 fn least_conn_picks_the_lowest_load_per_weight() {
-    // (load + 1) / weight: 2/1, 4/2, 6/4: the third is lightest.
+    // load / weight: 2/1, 3/2, 3/4: the third is lightest.
     let weights = [1, 2, 4];
-    let loads = [1, 3, 5];
-    for start in 0..6 {
-        assert_eq!(least_conn(&weights, start, |i| loads[i], |_| true), Some(2), "start {start}");
+    let loads = [2, 3, 3];
+    for turn in 0..14 {
+        assert_eq!(lc(&weights, turn, |i| loads[i], |_| true), Some(2), "turn {turn}");
     }
     // Unweighted: plain fewest in flight.
     let loads = [4, 2, 3, 9];
-    assert_eq!(least_conn(&[1; 4], 0, |i| loads[i], |_| true), Some(1));
-    // Counting the request being placed, an idle heavy backend beats an idle
-    // light one.
-    for start in 0..4 {
-        assert_eq!(least_conn(&[1, 3], start, |_| 0, |_| true), Some(1));
+    for turn in 0..4 {
+        assert_eq!(lc(&[1; 4], turn, |i| loads[i], |_| true), Some(1));
     }
 }
 
 #[test]
-fn least_conn_rotates_ties_with_start() {
+fn least_conn_spreads_idle_traffic_by_weight() {
+    // Every backend idle at every pick (requests finish before the next
+    // arrives): ties go to whose turn it is, so the pool is served in
+    // weighted round-robin order, not always by the heaviest backend.
+    for weights in [&[1u32, 3][..], &[1, 2, 5], &[5, 1, 1], &[2, 0, 1, 1]] {
+        let total: u32 = weights.iter().sum();
+        let picked: Vec<usize> = (0..total as usize * 10).map(|t| lc(weights, t, |_| 0, |_| true).unwrap()).collect();
+        let want: Vec<usize> = weights.iter().map(|&w| w as usize * 10).collect();
+        assert_eq!(count(&picked, weights.len()), want, "weights {weights:?}");
+        // In the smooth order itself.
+        let order = smooth_sequence(weights);
+        assert!(picked.iter().enumerate().all(|(t, &b)| b == order[t % order.len()] as usize), "{weights:?}");
+    }
+    // The same in a pool too big to scan whole.
+    let weights: Vec<u32> = (0..40).map(|i| 1 + i % 4).collect();
+    let total: u32 = weights.iter().sum();
+    let picked: Vec<usize> = (0..total as usize * 3).map(|t| lc(&weights, t, |_| 0, |_| true).unwrap()).collect();
+    let want: Vec<usize> = weights.iter().map(|&w| w as usize * 3).collect();
+    assert_eq!(count(&picked, weights.len()), want);
+}
+
+#[test]
+fn least_conn_breaks_ties_by_whose_turn_it_is() {
     let weights = [1, 1, 1, 1];
-    let picked: Vec<_> = (0..8).map(|s| least_conn(&weights, s, |_| 2, |_| true)).collect();
+    let picked: Vec<_> = (0..8).map(|t| lc(&weights, t, |_| 2, |_| true)).collect();
     assert_eq!(picked, [0, 1, 2, 3, 0, 1, 2, 3].map(Some));
-    // A weighted tie: (1+1)/2 = (0+1)/1.
-    assert_eq!(least_conn(&[2, 1], 0, |i| [1, 0][i], |_| true), Some(0));
-    assert_eq!(least_conn(&[2, 1], 1, |i| [1, 0][i], |_| true), Some(1));
-    // Ties among some backends only rotate among those.
+    // A weighted tie: 2/2 = 1/1; the sequence of 2,1 is a b a.
+    let picked: Vec<_> = (0..6).map(|t| lc(&[2, 1], t, |i| [2, 1][i], |_| true)).collect();
+    assert_eq!(picked, [0, 1, 0, 0, 1, 0].map(Some));
+    // Ties among some backends only go to those.
     let loads = [5, 1, 5, 1];
-    let picked: Vec<_> = (0..4).map(|s| least_conn(&weights, s, |i| loads[i], |_| true)).collect();
+    let picked: Vec<_> = (0..4).map(|t| lc(&weights, t, |i| loads[i], |_| true)).collect();
     assert_eq!(picked, [1, 1, 3, 3].map(Some));
 }
 
@@ -198,33 +267,77 @@ fn least_conn_skips_weight_zero_and_ineligible_and_may_find_none() {
     let weights = [0, 1, 1, 1];
     // The idle weight-0 backend and the idle ineligible one lose to a busy one.
     let loads = [0, 0, 7, 9];
-    assert_eq!(least_conn(&weights, 0, |i| loads[i], |i| i != 1), Some(2));
-    assert_eq!(least_conn(&weights, 0, |i| loads[i], |_| false), None);
-    assert_eq!(least_conn(&[0, 0], 0, |_| 0, |_| true), None);
-    assert_eq!(least_conn(&[], 0, |_| 0, |_| true), None);
+    assert_eq!(lc(&weights, 0, |i| loads[i], |i| i != 1), Some(2));
+    assert_eq!(lc(&weights, 0, |i| loads[i], |_| false), None);
+    assert_eq!(lc(&[0, 0], 0, |_| 0, |_| true), None);
+    assert_eq!(lc(&[], 0, |_| 0, |_| true), None);
+    // Big pool: the window's backends all out, one far away still found.
+    let weights = [1u32; 100];
+    for turn in 0..200 {
+        assert_eq!(lc(&weights, turn, |_| 3, |i| i == (turn + 50) % 100), Some((turn + 50) % 100));
+    }
 }
 
 #[test]
 fn least_conn_keeps_loads_level_as_requests_arrive() {
-    // Placing one request at a time (rotating start), equal backends never
-    // differ by more than one in flight; weighted ones stay proportional.
+    // Placing one request at a time, equal backends never differ by more
+    // than one in flight; weighted ones stay proportional.
     let mut loads = [0u64; 5];
-    for k in 0..1000 {
-        let b = least_conn(&[1; 5], k, |i| loads[i], |_| true).expect("eligible");
+    for t in 0..1000 {
+        let b = lc(&[1; 5], t, |i| loads[i], |_| true).expect("eligible");
         loads[b] += 1;
         let (min, max) = (loads.iter().min(), loads.iter().max());
         assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{loads:?}");
     }
     let weights = [1, 2, 5];
     let mut loads = [0u64; 3];
-    for k in 0..800 {
-        let b = least_conn(&weights, k, |i| loads[i], |_| true).expect("eligible");
+    for t in 0..800 {
+        let b = lc(&weights, t, |i| loads[i], |_| true).expect("eligible");
         loads[b] += 1;
     }
     assert_eq!(loads, [100, 200, 500]);
 }
 
+#[test]
+fn least_conn_in_a_big_pool_compares_a_sliding_window_of_turns() {
+    let weights = [1u32; 100];
+    let order = smooth_sequence(&weights);
+    // The answer is the lightest backend of the next LEAST_CONN_WINDOW turns.
+    let loads: Vec<u64> = (0..100u64).map(|i| (i * 37) % 11 + 1).collect();
+    for turn in 0..300 {
+        let window: Vec<usize> = (0..LEAST_CONN_WINDOW).map(|k| order[(turn + k) % order.len()] as usize).collect();
+        let lightest = window.iter().copied().min_by_key(|&i| loads[i]).unwrap();
+        let picked = least_conn(&weights, &order, turn, |i| loads[i], |_| true).unwrap();
+        assert_eq!(loads[picked], loads[lightest], "turn {turn}");
+        assert!(window.contains(&picked), "turn {turn}");
+    }
+    // An idle backend among busy ones is found within one pass of the
+    // window over the sequence, and then gets its fair share of new work.
+    let mut loads = vec![10u64; 100];
+    loads[73] = 0;
+    let first = (0..100).find(|&t| least_conn(&weights, &order, t, |i| loads[i], |_| true) == Some(73));
+    assert!(first.is_some());
+    // Arrivals only (nothing completes): loads stay level, as with a full scan.
+    let weights: Vec<u32> = (0..200).map(|i| 1 + i % 3).collect();
+    let order = smooth_sequence(&weights);
+    let mut loads = vec![0u64; 200];
+    for t in 0..40_000 {
+        let b = least_conn(&weights, &order, t, |i| loads[i], |_| true).unwrap();
+        loads[b] += 1;
+    }
+    // 40,000 over total weight 399: ~100.25 per unit of weight.
+    for (i, &w) in weights.iter().enumerate() {
+        let per_weight = loads[i] as f64 / f64::from(w);
+        assert!((per_weight - 100.25).abs() <= 1.5, "backend {i} (weight {w}): {} in flight", loads[i]);
+    }
+}
+
 // === power of two choices ===
+
+/// `power_of_two` over `weights` with the pool's own smooth sequence.
+fn p2(weights: &[u32], load: impl Fn(usize) -> u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    power_of_two(weights, &smooth_sequence(weights), load, eligible)
+}
 
 #[test]
 fn power_of_two_never_picks_weight_zero_or_ineligible() {
@@ -232,7 +345,7 @@ fn power_of_two_never_picks_weight_zero_or_ineligible() {
     let weights = [0, 1, 1, 0, 2, 1];
     let mut counts = [0usize; 6];
     for k in 0..10_000u64 {
-        let b = power_of_two(&weights, |i| (k + i as u64 * 3) % 7, |i| i != 5).expect("eligible");
+        let b = p2(&weights, |i| (k + i as u64 * 3) % 7, |i| i != 5).expect("eligible");
         counts[b] += 1;
     }
     assert_eq!((counts[0], counts[3], counts[5]), (0, 0, 0), "{counts:?}");
@@ -245,24 +358,52 @@ fn power_of_two_finds_a_lone_eligible_backend_or_none() {
     // 1 eligible of 100: random draws mostly miss, the scan finds it.
     let weights = [1u32; 100];
     for _ in 0..1000 {
-        assert_eq!(power_of_two(&weights, |_| 0, |i| i == 63), Some(63));
+        assert_eq!(p2(&weights, |_| 0, |i| i == 63), Some(63));
     }
-    assert_eq!(power_of_two(&weights, |_| 0, |_| false), None);
-    assert_eq!(power_of_two(&[0, 0, 0], |_| 0, |_| true), None);
-    assert_eq!(power_of_two(&[], |_| 0, |_| true), None);
+    assert_eq!(p2(&weights, |_| 0, |_| false), None);
+    assert_eq!(p2(&[0, 0, 0], |_| 0, |_| true), None);
+    assert_eq!(p2(&[], |_| 0, |_| true), None);
+    assert_eq!(p2(&[4], |_| 9, |_| true), Some(0));
 }
 
 #[test]
 fn power_of_two_prefers_the_lighter_backend() {
     seed_rng(1);
-    // Two backends, one busy: the idle one wins unless both draws land on
-    // the busy one (1 in 4, the draws are independent). Measured 0.748.
+    // Two backends, one busy: the two candidates are distinct, so both are
+    // always compared and the idle one always wins (drawing the busy one
+    // twice used to send it a quarter of the traffic).
     let loads = [10, 0];
-    let idle = (0..20_000).filter(|_| power_of_two(&[1, 1], |i| loads[i], |_| true) == Some(1)).count();
-    assert!(idle as f64 / 20_000.0 >= 0.70, "idle picked {idle} of 20000");
+    let idle = (0..20_000).filter(|_| p2(&[1, 1], |i| loads[i], |_| true) == Some(1)).count();
+    assert_eq!(idle, 20_000);
     // Weighted: equal loads, the heavier backend is the lighter per weight.
-    let heavy = (0..20_000).filter(|_| power_of_two(&[1, 4], |_| 3, |_| true) == Some(1)).count();
-    assert!(heavy as f64 / 20_000.0 >= 0.70, "heavy picked {heavy} of 20000");
+    let heavy = (0..20_000).filter(|_| p2(&[1, 4], |_| 3, |_| true) == Some(1)).count();
+    assert_eq!(heavy, 20_000);
+    // Three backends, the busiest is never picked (it always loses to
+    // the other candidate).
+    let loads = [1, 9, 2];
+    assert!((0..20_000).all(|_| p2(&[1, 1, 1], |i| loads[i], |_| true) != Some(1)));
+}
+
+#[test]
+fn power_of_two_spreads_idle_traffic_by_weight() {
+    seed_rng(11);
+    // Idle 10:1: the light backend gets about 1/11 (9.1%) of new work;
+    // uniform draws gave it 25%.
+    let picks = 50_000;
+    let light = (0..picks).filter(|_| p2(&[10, 1], |_| 0, |_| true) == Some(1)).count();
+    let share = light as f64 / f64::from(picks);
+    assert!((share - 1.0 / 11.0).abs() < 0.01, "light share {share:.4}");
+    // Idle 1,2,3,4 over many backends: each within 10% of its weight share.
+    let weights: Vec<u32> = (0..40).map(|i| 1 + i % 4).collect();
+    let total: u32 = weights.iter().sum();
+    let mut counts = vec![0usize; weights.len()];
+    for _ in 0..200_000 {
+        counts[p2(&weights, |_| 0, |_| true).unwrap()] += 1;
+    }
+    for (i, &w) in weights.iter().enumerate() {
+        let want = 200_000.0 * f64::from(w) / f64::from(total);
+        assert!((counts[i] as f64 / want - 1.0).abs() < 0.10, "backend {i} (weight {w}): {} of {want:.0}", counts[i]);
+    }
 }
 
 #[test]
@@ -272,14 +413,14 @@ fn power_of_two_on_average_sends_work_to_less_loaded_backends() {
     // average the lighter of two draws (measured 2.85).
     let weights = [1u32; 10];
     let picks = 20_000;
-    let sum: u64 = (0..picks).map(|_| power_of_two(&weights, |i| i as u64, |_| true).expect("eligible") as u64).sum();
+    let sum: u64 = (0..picks).map(|_| p2(&weights, |i| i as u64, |_| true).expect("eligible") as u64).sum();
     let mean = sum as f64 / f64::from(picks);
     assert!(mean <= 3.2, "mean load of picked backend {mean:.3}");
     // Arrivals only: loads stay level (measured 998..1001 for 10k requests;
     // uniform random placement spreads about ±90).
     let mut loads = [0u64; 10];
     for _ in 0..10_000 {
-        let b = power_of_two(&weights, |i| loads[i], |_| true).expect("eligible");
+        let b = p2(&weights, |i| loads[i], |_| true).expect("eligible");
         loads[b] += 1;
     }
     let spread = loads.iter().max().zip(loads.iter().min()).map(|(a, b)| a - b);
