@@ -5,9 +5,11 @@
 //! `Connection`, are removed *before* tether adds its own, so a client can
 //! never make tether drop `X-Forwarded-For` by listing it in `Connection`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -15,9 +17,11 @@ use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::config::Protocol;
 use crate::live::InFlight;
+use crate::transport::BoxError;
 use crate::upstream::Connection;
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -278,17 +282,42 @@ pub struct ProxyBody {
     inner: Incoming,
     conn: Option<Connection>,
     in_flight: InFlight,
+    /// How long the backend may send nothing mid-body.
+    stall_limit: Duration,
+    /// Armed the first time the backend has nothing to give, so a response
+    /// that arrives at once never pays for a timer.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl ProxyBody {
     /// `conn` is the HTTP/1.1 connection to give back at the end (none for
     /// HTTP/2, whose connection is shared).
-    pub fn new(inner: Incoming, conn: Option<Connection>, in_flight: InFlight) -> Self {
-        let mut body = ProxyBody { inner, conn, in_flight };
+    pub fn new(inner: Incoming, conn: Option<Connection>, in_flight: InFlight, stall_limit: Duration) -> Self {
+        let mut body = ProxyBody { inner, conn, in_flight, stall_limit, stall: None };
         if body.inner.is_end_stream() {
             body.release();
         }
         body
+    }
+
+    /// The backend has nothing now: pending until the stall limit, then an
+    /// error that aborts the client's response (never a clean end).
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let limit = self.stall_limit;
+        let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Dropping the connection (and, with the body, its response)
+        // closes it: it is never reused.
+        self.conn = None;
+        let live = self.in_flight.live();
+        live.count_failure(crate::live::Failure::Timeout);
+        tracing::warn!(
+            pool = %live.key.pool, backend = %live.key.name, after = ?limit,
+            "backend response body stalled; client response aborted"
+        );
+        Poll::Ready(Some(Err(format!("backend sent nothing for {limit:?} mid-body").into())))
     }
 
     fn release(&mut self) {
@@ -300,10 +329,20 @@ impl ProxyBody {
 
 impl HttpBody for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Pending => return self.poll_stall(cx),
+            Poll::Ready(Some(Ok(_))) => {
+                let limit = self.stall_limit;
+                if let Some(stall) = self.stall.as_mut() {
+                    stall.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+            }
+            _ => {}
+        }
         match &polled {
             Poll::Ready(None) => self.release(),
             // hyper stops polling a sized body after its last byte, without
@@ -323,7 +362,7 @@ impl HttpBody for ProxyBody {
             }
             _ => {}
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -24,6 +24,7 @@ use crate::live::Failure;
 use crate::live::InFlight;
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
 use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
+use crate::transport::BoxError;
 use crate::upstream::{Body, ConnectError, SendError};
 
 /// `Retry-After` on 503s: about how long a check cycle takes to notice a
@@ -210,7 +211,7 @@ async fn proxy(
     // the backend agrees with a 101.
     let upgrade = forward::upgrade_protocol(&req);
     let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let mut req = req.map(|b| b.boxed());
+    let mut req = req.map(|b| b.map_err(BoxError::from).boxed());
     forward::upstream_request(
         &mut req,
         &forward::Upstream {
@@ -256,7 +257,7 @@ async fn proxy(
                 // hyper answers in the client's version anyway; an HTTP/2
                 // version from an h2 backend would only make it warn.
                 *resp.version_mut() = Version::HTTP_11;
-                let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight).boxed());
+                let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight, pool.body_timeout).boxed());
                 forward::downstream_response(&mut resp, cookie);
                 break Ok(resp);
             }

@@ -128,6 +128,8 @@ pub struct Pool {
     pub response_timeout: Duration,
     /// Upgraded connections idle this long are closed.
     pub idle_timeout: Duration,
+    /// A response body from a backend that sends nothing this long is cut.
+    pub body_timeout: Duration,
     /// How long a request waits for a backend at its `max_connections`.
     pub queue_timeout: Duration,
     pub health: Option<HealthCheck>,
@@ -446,6 +448,7 @@ fn compile_pool(
         connect_timeout: p.timeouts.connect.0,
         response_timeout: p.timeouts.response.0,
         idle_timeout: p.timeouts.idle.0,
+        body_timeout: p.timeouts.body.0,
         queue_timeout: p.timeouts.queue.0,
         health: p.health.as_ref().map(|h| HealthCheck {
             kind: h.kind,

@@ -23,7 +23,10 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Protocol, TransportSpec, Verify};
 
 /// The body type of requests sent upstream and responses sent downstream.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Its error is boxed so tether can end a body with its own error (a
+/// stalled backend body), not only with hyper's.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// HTTP/2 pings on a shared connection, so a dead backend is noticed even
 /// when no request is in flight.

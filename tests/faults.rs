@@ -112,8 +112,13 @@ async fn misbehave(mut tcp: TcpStream, how: Misbehaviour, stats: Arc<Stats>, res
             };
             let _ = tcp.write_all(head).await;
             let _ = tcp.write_all(&part).await;
-            reset.notified().await;
-            let _ = tcp.set_zero_linger();
+            let reset_now = tokio::select! {
+                () = reset.notified() => true,
+                () = wait_for_close(&mut tcp, &stats) => false,
+            };
+            if reset_now {
+                let _ = tcp.set_zero_linger();
+            }
         }
         Misbehaviour::Bulk { total } => {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
@@ -285,6 +290,42 @@ async fn a_backend_reset_mid_body_aborts_a_response_with_content_length() {
 #[tokio::test]
 async fn a_backend_reset_mid_body_aborts_a_chunked_response() {
     reset_mid_body(true).await;
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_at_the_body_timeout() {
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    // Sends a head and the first bytes, then nothing (it is never reset).
+    let backend = RawBackend::start(Misbehaviour::ResetMidBody { chunked: false }).await;
+    let cfg = config()
+        .listener(Some("app"))
+        .raw(&format!(
+            "[pools.app]\naffinity = \"none\"\n\n[pools.app.timeouts]\nbody = \"300ms\"\n\n\
+             [[pools.app.backends]]\nname = \"raw\"\naddr = \"{}\"\n",
+            backend.addr
+        ))
+        .build();
+    let lb = Tether::start(&cfg).await;
+    let mut resp = client_without_cookies().get(lb.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the head had been forwarded");
+    let ended = loop {
+        match resp.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "a stalled body must not end as complete");
+    wait_for("the stall to be counted", || async { failures(&lb, "timeout") == Some(1.0) }).await;
+    let lines = logs.lines("stalled");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(lines[0].contains("WARN") && lines[0].contains("backend=raw"), "{}", lines[0]);
+    wait_for("tether to close the stalled connection", || async {
+        backend.stats.closed_by_tether.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(lb.runtime().snapshot().pools[0].backends[0].live.in_flight(), 0);
 }
 
 const LARGE: u64 = 64 * 1024 * 1024;

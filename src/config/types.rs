@@ -472,6 +472,9 @@ pub struct PoolTimeouts {
     /// An upgraded connection (WebSocket) that carries nothing either way
     /// for this long is closed. Default 10 min.
     pub idle: Dur,
+    /// A response body from the backend that sends nothing for this long
+    /// is cut off (the client's response is aborted). Default 60 s.
+    pub body: Dur,
     /// How long a request may wait for a backend at `max_connections`
     /// before it gets 503. Default 5 s.
     pub queue: Dur,
@@ -483,6 +486,7 @@ impl Default for PoolTimeouts {
             connect: Dur(Duration::from_secs(5)),
             response: Dur(Duration::from_secs(60)),
             idle: Dur(Duration::from_secs(600)),
+            body: Dur(Duration::from_secs(60)),
             queue: Dur(Duration::from_secs(5)),
         }
     }
