@@ -180,7 +180,10 @@ impl Task {
         let result = match self.tls.clone() {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-                let handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io));
+                // Boxed, as is the TLS connection below: the connection task's
+                // state machine is as big as its biggest branch, and every
+                // idle plain connection would carry the TLS branch's size.
+                let handshake = tokio::time::timeout(tls.handshake_timeout, Box::pin(acceptor.accept(io)));
                 let Some(handshake) = self.before_stop(handshake).await else { return };
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
@@ -194,7 +197,7 @@ impl Task {
                     }
                 };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                self.serve_http(stream, h2, shared, svc, permit).await
+                Box::pin(self.serve_http(stream, h2, shared, svc, permit)).await
             }
             None => {
                 let sniff = tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface());
@@ -242,7 +245,8 @@ impl Task {
         let limits = self.builders.limits;
         let io = TokioIo::new(ClientIo::new(io, !h2, &limits, shared.clone(), self.started, Some(permit)));
         if h2 {
-            let conn = self.watcher.watch(self.builders.h2.serve_connection(io, svc));
+            // Boxed: an HTTP/1.1 connection need not carry its size.
+            let conn = Box::pin(self.watcher.watch(self.builders.h2.serve_connection(io, svc)));
             return tokio::select! {
                 result = conn => Ok(result?),
                 () = shared.abort.notified() => {
