@@ -13,7 +13,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::servers::{TestCa, TestServer, backend_tables, scratch_dir};
+use support::servers::{TestServer, backend_tables, scratch_dir};
+use support::tls::TestCa;
 use support::ws::handler;
 use support::*;
 
@@ -45,7 +46,7 @@ fn ca_line(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_backend_signed_by_the_configured_ca_serves_requests_and_passes_tls_checks() {
     let dir = scratch_dir("tls-ok");
-    let ca = TestCa::new("tether test CA");
+    let ca = TestCa::new();
     let server = TestServer::tls(ca.server_config(&["127.0.0.1"], &[]), named("secure")).await;
     let keys = format!(
         "tls = true\n{}\n[pools.app.health]\ninterval = \"50ms\"\nrise = 1\nfall = 1",
@@ -72,7 +73,7 @@ async fn a_tls_backend_signed_by_the_configured_ca_serves_requests_and_passes_tl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_certificate_from_another_ca_gets_502_and_nothing_reaches_it() {
     let dir = scratch_dir("tls-wrong-ca");
-    let (trusted, other) = (TestCa::new("trusted CA"), TestCa::new("other CA"));
+    let (trusted, other) = (TestCa::new(), TestCa::new());
     let server = TestServer::tls(other.server_config(&["127.0.0.1"], &[]), named("impostor")).await;
     let keys = format!("tls = true\n{}", ca_line(&trusted.write(&dir, "ca.pem")));
     let lb = Tether::start(&one_pool(&keys, &[("impostor", server.addr(), "")])).await;
@@ -86,7 +87,7 @@ async fn a_backend_certificate_from_another_ca_gets_502_and_nothing_reaches_it()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_name_is_sent_as_sni_and_checked_against_the_certificate() {
     let dir = scratch_dir("tls-sni");
-    let ca = TestCa::new("sni CA");
+    let ca = TestCa::new();
     let ca_file = ca_line(&ca.write(&dir, "ca.pem"));
     let server = TestServer::tls(ca.server_config(&["backend.internal"], &[]), named("named")).await;
 
@@ -110,7 +111,7 @@ async fn server_name_is_sent_as_sni_and_checked_against_the_certificate() {
 async fn insecure_skip_verify_accepts_any_certificate_and_says_so_loudly() {
     let logs = Logs::default();
     let _guard = logs.capture();
-    let untrusted = TestCa::new("nobody trusts me");
+    let untrusted = TestCa::new();
     let server = TestServer::tls(untrusted.server_config(&["elsewhere.example"], &[]), named("lax")).await;
     let toml = one_pool("tls = true\ninsecure_skip_verify = true", &[("lax", server.addr(), "")]);
     let lb = Tether::start(&toml).await;
@@ -154,7 +155,7 @@ async fn an_h2_backend_gets_http2_by_prior_knowledge_on_one_shared_connection() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_over_tls_is_negotiated_by_alpn_and_health_checks_use_it_too() {
     let dir = scratch_dir("tls-h2");
-    let ca = TestCa::new("h2 CA");
+    let ca = TestCa::new();
     let server = TestServer::tls(ca.server_config(&["127.0.0.1"], &[b"h2", b"http/1.1"]), named("h2tls")).await;
     let keys = format!(
         "tls = true\nprotocol = \"h2\"\n{}\n[pools.app.health]\ninterval = \"50ms\"\nrise = 1\nfall = 1",
@@ -260,7 +261,7 @@ async fn a_post_to_an_unreachable_h2_backend_fails_over_since_nothing_was_sent()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_reaches_a_tls_backend() {
     let dir = scratch_dir("tls-ws");
-    let ca = TestCa::new("ws CA");
+    let ca = TestCa::new();
     let (ws_handler, _events) = support::ws::ws_handler("wss");
     let server = TestServer::tls(ca.server_config(&["127.0.0.1"], &[b"http/1.1"]), ws_handler).await;
     let keys = format!("tls = true\n{}", ca_line(&ca.write(&dir, "ca.pem")));

@@ -940,31 +940,23 @@ pub struct Binary {
 impl Binary {
     /// Starts `tether ARGS` with `RUST_LOG=info`.
     pub fn spawn(args: &[&str]) -> Binary {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(TETHER)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        Binary { child, lines: Some(lines) }
+        let mut command = tokio::process::Command::new(TETHER);
+        command.args(args);
+        Binary::start(command)
     }
 
     /// Starts `tether ARGS` like [`Binary::spawn`], through `sh` with its
     /// descriptor limit (`ulimit -n`) set to `nofile`: only that process is
     /// limited, never the test's.
     pub fn spawn_with_fd_limit(nofile: u32, args: &[&str]) -> Binary {
+        let mut command = tokio::process::Command::new("sh");
+        command.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")).arg(TETHER).args(args);
+        Binary::start(command)
+    }
+
+    fn start(mut command: tokio::process::Command) -> Binary {
         use tokio::io::AsyncBufReadExt;
-        let script = format!("ulimit -n {nofile} && exec \"$0\" \"$@\"");
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg(TETHER)
-            .args(args)
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -33,6 +33,8 @@ pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
     pub der: Vec<u8>,
+    /// The key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
 }
 
 impl TestCa {
@@ -56,7 +58,41 @@ impl TestCa {
         params.distinguished_name.push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// Writes the CA certificate to `dir/file` and returns the path.
+    pub fn write(&self, dir: &Path, file: &str) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
+    /// A rustls server config (for test backends) with a certificate for
+    /// `names` signed by this CA, offering `alpn` (h2 and http/1.1 if empty).
+    pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let leaf = self.issue(names);
+        let chain = vec![CertificateDer::from(leaf.der)];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = if alpn.is_empty() {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            alpn.iter().map(|p| p.to_vec()).collect()
+        };
+        std::sync::Arc::new(cfg)
     }
 
     pub fn reqwest_cert(&self) -> reqwest::Certificate {
