@@ -275,6 +275,19 @@ async fn an_idle_socket_is_closed_after_the_pools_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_socket_outlives_the_client_idle_timeout_of_plain_keep_alive() {
+    // client_idle is for keep-alive connections between requests; an open
+    // socket is held to the pool's `idle` (10 minutes by default) instead.
+    let (_servers, _events, lb, _) = three_ws_backends("[timeouts]\nclient_idle = \"200ms\"").await;
+    let (mut ws, _) = connect(lb.addr(), "/", None).await.unwrap();
+    assert_eq!(ask(&mut ws, "hello").await, "hello");
+    // Quiet for three times client_idle: what is under test is the silence.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(ask(&mut ws, "still open").await, "still open");
+    assert_eq!(lb.runtime().upgraded_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_open_sockets_within_its_deadline() {
     let (_servers, _events, lb, _) = three_ws_backends("").await;
     let (mut ws, _) = connect(lb.addr(), "/", None).await.unwrap();

@@ -44,6 +44,9 @@ pub(super) struct ConnShared {
     pub violation: AtomicU8,
     /// HTTP/1.1: the request body stalled past `request_body`.
     pub body_timed_out: AtomicBool,
+    /// The connection became a tunnel (101): its idle time is the pool's
+    /// `idle`, kept by the tunnel, no longer `client_idle`.
+    pub upgraded: AtomicBool,
     /// Requests whose handler finished, and those dropped before (HTTP/2
     /// streams reset by the client).
     pub completed: AtomicU64,
@@ -140,6 +143,9 @@ impl<S> ClientIo<S> {
         if let Some(at) = self.rejected {
             // hyper answers the rejected head and closes; this bounds the wait.
             return Some((at + self.header_read, HEAD_TIMEOUT));
+        }
+        if self.shared.upgraded.load(Ordering::Relaxed) {
+            return None;
         }
         let busy = self.shared.in_flight.load(Ordering::Relaxed) > 0;
         match self.phase() {

@@ -71,7 +71,9 @@ pub(super) async fn call(d: Arc<Dispatch>, req: Request<Incoming>) -> Result<Res
     if http1 && shared.body_timed_out.load(Ordering::Relaxed) {
         resp = plain_response(StatusCode::REQUEST_TIMEOUT, "request body timeout\n");
         close(&mut resp);
-    } else if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    } else if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        shared.upgraded.store(true, Ordering::Relaxed);
+    } else if upgrade {
         close(&mut resp);
     }
     Ok(resp)
