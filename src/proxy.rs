@@ -59,8 +59,8 @@ pub enum ProxyError {
     PinnedUnavailable,
     Connect(ConnectError),
     Upstream(hyper::Error),
-    /// The client's request body failed while it was being sent on.
-    ClientBody(hyper::Error),
+    /// The client's request body failed while it was read or sent on.
+    ClientBody(BoxError),
     /// The backend switched protocols for a request that did not ask to.
     UnaskedSwitch,
     Timeout,
@@ -223,7 +223,7 @@ async fn proxy(
             upgrade,
         },
     );
-    let replay = Replay::prepare(&mut req, pool.retries).await;
+    let replay = Replay::prepare(&mut req, pool.retries).await?;
 
     let mut tried: Vec<usize> = Vec::new();
     let result = loop {
@@ -271,7 +271,7 @@ async fn proxy(
             // The client's request body broke off (the client went away or
             // stalled past `request_body`): not the backend's fault, and
             // nothing to retry.
-            Ok(Err(SendError::Failed(e))) if is_client_body_error(&e) => break Err(ProxyError::ClientBody(e)),
+            Ok(Err(SendError::Failed(e))) if is_client_body_error(&e) => break Err(ProxyError::ClientBody(e.into())),
             Ok(Err(SendError::Failed(e))) => {
                 backend.live.count_failure(Failure::of_send_error(&e));
                 passive_failure(runtime, pool, backend, "connection failed");
@@ -456,24 +456,31 @@ struct Replay {
 
 impl Replay {
     /// Keeps a copy when the request may be retried (RFC 9110 idempotent
-    /// method, small or empty body, retries allowed). A POST never is.
-    async fn prepare(req: &mut Request<Body>, retries: usize) -> Option<Replay> {
+    /// method, small or empty body, retries allowed). A POST never is. Fails
+    /// only when the client's body, read to be kept, breaks off: nothing
+    /// has reached a backend then.
+    async fn prepare(req: &mut Request<Body>, retries: usize) -> Result<Option<Replay>, ProxyError> {
         if retries == 0 || !req.method().is_idempotent() {
-            return None;
+            return Ok(None);
         }
         let body = if req.body().is_end_stream() {
             Bytes::new()
         } else {
-            let declared = req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse::<u64>().ok()?;
-            if declared > REPLAY_MAX_BODY {
-                return None;
+            let declared = req
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_none_or(|n| n > REPLAY_MAX_BODY) {
+                return Ok(None);
             }
             let taken = std::mem::replace(req.body_mut(), empty_body());
-            let bytes = taken.collect().await.ok()?.to_bytes();
+            let bytes = taken.collect().await.map_err(ProxyError::ClientBody)?.to_bytes();
             *req.body_mut() = full_body(bytes.clone());
             bytes
         };
-        Some(Replay { method: req.method().clone(), uri: req.uri().clone(), headers: req.headers().clone(), body })
+        let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
+        Ok(Some(Replay { method, uri, headers, body }))
     }
 
     fn request(&self) -> Request<Body> {

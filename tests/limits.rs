@@ -168,6 +168,23 @@ async fn a_client_whose_body_stalls_does_not_count_against_the_backend() {
 }
 
 #[tokio::test]
+async fn a_stalled_retryable_body_never_reaches_the_backend_and_is_not_its_failure() {
+    // A small PUT is buffered so it can be retried: when its body stalls,
+    // nothing may go to the backend (not even the head with an empty body).
+    let backend = Backend::bulk("bulk").await;
+    let extra = "[timeouts]\nrequest_body = \"1s\"\n\n[pools.app.passive]\nconsecutive_failures = 1\n";
+    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).raw(extra).build()).await;
+    let mut tcp = raw::connect(lb.addr()).await;
+    tcp.write_all(b"PUT /item HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    let got = raw::responses(&raw::read_to_close(&mut tcp).await);
+    assert_eq!(got.first().map(|r| r.status), Some(408), "{got:?}");
+    let live = &lb.runtime().snapshot().pools[0].backends[0].live;
+    wait_for("the request to finish", || async { live.in_flight() == 0 }).await;
+    assert_eq!(backend.hits(), 0, "the backend got a request whose body never came");
+    assert!(live.is_up(), "a client's stalled body ejected the backend");
+}
+
+#[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut_by_request_body() {
     let backend = Backend::bulk("bulk").await;
     let extra = "[timeouts]\nrequest_body = \"1s\"\n";
