@@ -52,6 +52,32 @@ pub struct Entry<'a> {
     pub duration: Duration,
 }
 
+impl<'a> Entry<'a> {
+    /// A request tether answered itself, before any pool (a redirect or a
+    /// refusal): the client is found as for proxied requests.
+    pub fn unrouted<B>(
+        snap: &crate::snapshot::Snapshot,
+        conn: &crate::proxy::ConnInfo,
+        req: &'a http::Request<B>,
+        status: u16,
+        duration: Duration,
+    ) -> Entry<'a> {
+        Entry {
+            client: crate::forwarded_for::client_ip(&snap.trusted_proxies, conn.peer.ip(), req.headers()),
+            peer: conn.peer,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            version: req.version(),
+            status,
+            pool: "-",
+            backend: "-",
+            affinity: "-",
+            attempts: 0,
+            duration,
+        }
+    }
+}
+
 impl AccessLog {
     pub fn write(&self, e: &Entry<'_>) {
         match self {

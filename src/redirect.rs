@@ -89,19 +89,14 @@ pub async fn handle(
         }
         None => crate::proxy::plain_response(StatusCode::BAD_REQUEST, "missing or invalid Host\n"),
     };
-    runtime.snapshot().access_log.write(&crate::access_log::Entry {
-        client: conn.peer.ip(),
-        peer: conn.peer,
-        method: req.method().as_str(),
-        path: req.uri().path(),
-        version: req.version(),
-        status: resp.status().as_u16(),
-        pool: "-",
-        backend: "-",
-        affinity: "-",
-        attempts: 0,
-        duration: start.elapsed(),
-    });
+    let snap = runtime.snapshot();
+    snap.access_log.write(&crate::access_log::Entry::unrouted(
+        &snap,
+        &conn,
+        &req,
+        resp.status().as_u16(),
+        start.elapsed(),
+    ));
     Ok(resp)
 }
 

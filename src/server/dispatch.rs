@@ -104,19 +104,14 @@ fn refuse(
     if close_it {
         close(&mut resp);
     }
-    d.runtime.snapshot().access_log.write(&crate::access_log::Entry {
-        client: d.info.peer.ip(),
-        peer: d.info.peer,
-        method: req.method().as_str(),
-        path: req.uri().path(),
-        version: req.version(),
-        status: status.as_u16(),
-        pool: "-",
-        backend: "-",
-        affinity: "-",
-        attempts: 0,
-        duration: std::time::Duration::ZERO,
-    });
+    let snap = d.runtime.snapshot();
+    snap.access_log.write(&crate::access_log::Entry::unrouted(
+        &snap,
+        &d.info,
+        req,
+        status.as_u16(),
+        std::time::Duration::ZERO,
+    ));
     resp
 }
 
