@@ -237,7 +237,7 @@ async fn proxy(
         };
         let transport = &backend.transport;
         forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
-        let send = backend.live.upstream.send(req, transport, pool.connect_timeout);
+        let send = backend.live.upstream.send(req, transport, pool.connect_timeout, pool.keep_alive);
         let sent = tokio::time::timeout(pool.response_timeout, send).await;
         let failure = match sent {
             Ok(Ok((mut resp, connection))) => {

@@ -130,6 +130,8 @@ pub struct Pool {
     pub idle_timeout: Duration,
     /// A response body from a backend that sends nothing this long is cut.
     pub body_timeout: Duration,
+    /// A pooled backend connection idle this long is not reused.
+    pub keep_alive: Duration,
     /// How long a request waits for a backend at its `max_connections`.
     pub queue_timeout: Duration,
     pub health: Option<HealthCheck>,
@@ -449,6 +451,7 @@ fn compile_pool(
         response_timeout: p.timeouts.response.0,
         idle_timeout: p.timeouts.idle.0,
         body_timeout: p.timeouts.body.0,
+        keep_alive: p.timeouts.keep_alive.0,
         queue_timeout: p.timeouts.queue.0,
         health: p.health.as_ref().map(|h| HealthCheck {
             kind: h.kind,

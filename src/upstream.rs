@@ -21,8 +21,6 @@ use crate::config::Protocol;
 use crate::transport::Transport;
 pub use crate::transport::{Body, ConnectError};
 
-/// Idle connections older than this are closed instead of reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per backend; more are closed.
 const MAX_IDLE: usize = 512;
 
@@ -76,16 +74,18 @@ impl Upstream {
     }
 
     /// Sends a request the way `transport` says. An HTTP/1.1 response comes
-    /// with its connection, to give back once its body is read.
+    /// with its connection, to give back once its body is read; a pooled
+    /// connection idle for `keep_alive` or longer is closed, not reused.
     pub async fn send(
         &self,
         request: Request<Body>,
         transport: &Transport,
         connect_timeout: Duration,
+        keep_alive: Duration,
     ) -> Result<(Response<Incoming>, Option<Connection>), SendError> {
         match transport.protocol {
             Protocol::Http1 => {
-                let (resp, conn) = self.send_h1(request, transport, connect_timeout).await?;
+                let (resp, conn) = self.send_h1(request, transport, connect_timeout, keep_alive).await?;
                 Ok((resp, Some(conn)))
             }
             Protocol::H2 => Ok((self.send_h2(request, transport, connect_timeout).await?, None)),
@@ -98,8 +98,9 @@ impl Upstream {
         mut request: Request<Body>,
         transport: &Transport,
         connect_timeout: Duration,
+        keep_alive: Duration,
     ) -> Result<(Response<Incoming>, Connection), SendError> {
-        while let Some(mut conn) = self.take_idle(transport.fingerprint) {
+        while let Some(mut conn) = self.take_idle(transport.fingerprint, keep_alive) {
             if conn.sender.ready().await.is_err() {
                 continue; // closed by the backend while idle
             }
@@ -204,10 +205,10 @@ impl Upstream {
 
     /// The most recently used live connection made with this transport
     /// (LIFO keeps few connections warm); others are closed.
-    fn take_idle(&self, fingerprint: u64) -> Option<Connection> {
+    fn take_idle(&self, fingerprint: u64, keep_alive: Duration) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if conn.fingerprint == fingerprint && !conn.sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if conn.fingerprint == fingerprint && !conn.sender.is_closed() && since.elapsed() < keep_alive {
                 return Some(conn);
             }
         }

@@ -646,3 +646,25 @@ async fn sequential_requests_reuse_one_backend_connection() {
             .await;
     }
 }
+
+#[tokio::test]
+async fn a_pooled_connection_idle_past_keep_alive_is_not_reused() {
+    use support::servers::{TestServer, backend_tables};
+    let server = TestServer::plain(support::ws::handler(|_req| async { hyper::Response::new(full("ok")) })).await;
+    let toml = config()
+        .listener(Some("app"))
+        .raw(&format!(
+            "[pools.app]\naffinity = \"none\"\n[pools.app.timeouts]\nkeep_alive = \"200ms\"\n\n{}",
+            backend_tables("app", &[("b", server.addr(), "")])
+        ))
+        .build();
+    let lb = Tether::start(&toml).await;
+    let client = client();
+    assert_eq!(fetch(client.get(lb.url("/"))).await.status, 200);
+    assert_eq!(fetch(client.get(lb.url("/"))).await.status, 200);
+    assert_eq!(server.connections(), 1, "back to back, the pooled connection is reused");
+    // Idle for longer than keep_alive: what is under test is the idle time.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(fetch(client.get(lb.url("/"))).await.status, 200);
+    assert_eq!(server.connections(), 2, "the stale connection was not reused");
+}

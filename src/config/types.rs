@@ -475,6 +475,10 @@ pub struct PoolTimeouts {
     /// A response body from the backend that sends nothing for this long
     /// is cut off (the client's response is aborted). Default 60 s.
     pub body: Dur,
+    /// A pooled connection to a backend that has been idle this long is
+    /// closed instead of reused (keep it below the backend's own keep-alive
+    /// timeout). Default 30 s.
+    pub keep_alive: Dur,
     /// How long a request may wait for a backend at `max_connections`
     /// before it gets 503. Default 5 s.
     pub queue: Dur,
@@ -487,6 +491,7 @@ impl Default for PoolTimeouts {
             response: Dur(Duration::from_secs(60)),
             idle: Dur(Duration::from_secs(600)),
             body: Dur(Duration::from_secs(60)),
+            keep_alive: Dur(Duration::from_secs(30)),
             queue: Dur(Duration::from_secs(5)),
         }
     }
