@@ -152,17 +152,17 @@ impl Runtime {
     }
 
     /// Graceful shutdown of everything within `deadline`: the listeners stop
-    /// accepting and drain their requests while upgraded connections are
-    /// waited for; what is left at the deadline is closed. Returns whether
-    /// everything finished in time.
+    /// accepting and drain their requests, then upgraded connections are
+    /// waited for with the time left (after the listeners, so a tunnel an
+    /// upgrade opens during the drain is waited for too); what is left at
+    /// the deadline is closed. Returns whether everything finished in time.
     pub async fn shutdown(&self, deadline: std::time::Duration) -> bool {
-        let server = async {
-            match self.server() {
-                Some(server) => server.shutdown(deadline).await,
-                None => true,
-            }
+        let start = std::time::Instant::now();
+        let served = match self.server() {
+            Some(server) => server.shutdown(deadline).await,
+            None => true,
         };
-        let (served, tunnels) = tokio::join!(server, self.tunnels.drain(deadline));
+        let tunnels = self.tunnels.drain(deadline.saturating_sub(start.elapsed())).await;
         served && tunnels
     }
 
