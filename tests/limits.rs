@@ -145,20 +145,27 @@ async fn a_stalled_request_body_gets_408_and_the_connection_is_closed() {
     assert_eq!(got[0].header("connection"), Some("close"));
 }
 
-#[tokio::test]
-async fn a_client_whose_body_stalls_does_not_count_against_the_backend() {
-    // One failure would eject the backend if the client's fault counted.
+/// A `METHOD` whose body stalls after 10 of 100 bytes, in front of a backend
+/// that one failure would eject: the client gets 408, and once the request
+/// has ended the backend must still be up.
+async fn stalled_body(method: &str) -> (Backend, Tether) {
     let backend = Backend::bulk("bulk").await;
     let extra = "[timeouts]\nrequest_body = \"1s\"\n\n[pools.app.passive]\nconsecutive_failures = 1\n";
     let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).raw(extra).build()).await;
     let mut tcp = raw::connect(lb.addr()).await;
-    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    let head = format!("{method} /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789");
+    tcp.write_all(head.as_bytes()).await.unwrap();
     let got = raw::responses(&raw::read_to_close(&mut tcp).await);
     assert_eq!(got.first().map(|r| r.status), Some(408), "{got:?}");
-
-    let live = &lb.runtime().snapshot().pools[0].backends[0].live;
+    let live = lb.runtime().snapshot().pools[0].backends[0].live.clone();
     wait_for("the request to finish", || async { live.in_flight() == 0 }).await;
     assert!(live.is_up(), "a client's stalled body ejected the backend");
+    (backend, lb)
+}
+
+#[tokio::test]
+async fn a_client_whose_body_stalls_does_not_count_against_the_backend() {
+    let (_backend, lb) = stalled_body("POST").await;
     let failures = tether::metrics::render(lb.runtime());
     assert!(
         !failures.lines().any(|l| l.starts_with("tether_backend_failures_total") && !l.ends_with(" 0")),
@@ -168,20 +175,11 @@ async fn a_client_whose_body_stalls_does_not_count_against_the_backend() {
 }
 
 #[tokio::test]
-async fn a_stalled_retryable_body_never_reaches_the_backend_and_is_not_its_failure() {
+async fn a_stalled_retryable_body_never_reaches_the_backend() {
     // A small PUT is buffered so it can be retried: when its body stalls,
     // nothing may go to the backend (not even the head with an empty body).
-    let backend = Backend::bulk("bulk").await;
-    let extra = "[timeouts]\nrequest_body = \"1s\"\n\n[pools.app.passive]\nconsecutive_failures = 1\n";
-    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).raw(extra).build()).await;
-    let mut tcp = raw::connect(lb.addr()).await;
-    tcp.write_all(b"PUT /item HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
-    let got = raw::responses(&raw::read_to_close(&mut tcp).await);
-    assert_eq!(got.first().map(|r| r.status), Some(408), "{got:?}");
-    let live = &lb.runtime().snapshot().pools[0].backends[0].live;
-    wait_for("the request to finish", || async { live.in_flight() == 0 }).await;
+    let (backend, _lb) = stalled_body("PUT").await;
     assert_eq!(backend.hits(), 0, "the backend got a request whose body never came");
-    assert!(live.is_up(), "a client's stalled body ejected the backend");
 }
 
 #[tokio::test]
