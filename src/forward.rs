@@ -142,13 +142,20 @@ pub struct Upstream<'a> {
     pub upgrade: Option<HeaderValue>,
 }
 
-/// Turns a client request into the request sent to a backend: HTTP/1.1,
-/// origin-form URI, hop-by-hop headers out, forwarding headers in. An
+/// Turns a client request into the request sent to a backend: hop-by-hop
+/// headers out, forwarding headers in (the URI and version are fitted to
+/// each backend's protocol by [`for_backend`], on every attempt). An
 /// upgrade keeps its `Connection: upgrade` and `Upgrade`; a client's
 /// `TE: trailers` is kept for HTTP/2 backends (gRPC needs it) and dropped
 /// for HTTP/1.1 ones by [`for_backend`].
 pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
-    let host_from_uri = req.uri().authority().map(|a| a.as_str().to_string());
+    // HTTP/2 requests carry the host in the URI, not in a Host header; it
+    // is needed here for X-Forwarded-Host.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(h) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, h);
+    }
     let headers = req.headers_mut();
     let trailers = headers
         .get_all(header::TE)
@@ -167,12 +174,6 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
     if let Some(name) = up.affinity_cookie {
         remove_cookie(headers, name);
     }
-    // HTTP/2 requests carry the host in the URI, not in a Host header.
-    if !headers.contains_key(header::HOST)
-        && let Some(h) = host_from_uri.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
-    {
-        headers.insert(header::HOST, h);
-    }
     let host = headers.get(header::HOST).cloned();
     let forwarded_for = crate::forwarded_for::header_value(up.trusted_peer, up.peer, headers);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
@@ -188,14 +189,6 @@ pub fn upstream_request<B>(req: &mut Request<B>, up: &Upstream<'_>) {
         };
     }
     headers.insert(TETHER_AFFINITY, HeaderValue::from_static(up.affinity));
-    // HTTP/1.1 requests are origin-form already; HTTP/2 ones are absolute.
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let origin_form = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        if let Ok(uri) = origin_form.parse::<Uri>() {
-            *req.uri_mut() = uri;
-        }
-    }
-    *req.version_mut() = Version::HTTP_11;
 }
 
 /// Puts a prepared request into the form a backend's protocol needs (again
@@ -438,6 +431,7 @@ mod tests {
             upgrade: None,
         };
         upstream_request(&mut req, &up);
+        for_backend(&mut req, Protocol::Http1, "http", "127.0.0.1:9000".parse().unwrap());
         assert_eq!(req.headers().get("host").unwrap(), "a.example.com:8080");
         assert_eq!(req.headers().get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(req.version(), Version::HTTP_11);
