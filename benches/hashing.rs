@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench hashing`; see benches/README.md.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tether::balance::cookie::CookieCodec;
@@ -111,17 +112,9 @@ fn cookie(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion(2, 20);
     targets = lookup, build, cookie
 }
 criterion_main!(benches);

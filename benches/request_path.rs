@@ -5,9 +5,10 @@
 //!
 //! `cargo bench --bench request_path`; see benches/README.md.
 
+mod common;
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Request, Response};
@@ -136,6 +137,8 @@ fn one_request(
         },
     );
     let backend = &pool.backends[sel.backend];
+    let transport = &backend.transport;
+    forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
     let cookie = if sel.set_cookie { backend.set_cookie_for(false) } else { None };
     forward::downstream_response(&mut resp, cookie);
     black_box((&req, &resp));
@@ -221,17 +224,9 @@ fn head_scan(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(30)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion(3, 30);
     targets = request_path, head_scan
 }
 criterion_main!(benches);

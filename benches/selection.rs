@@ -3,10 +3,11 @@
 //!
 //! `cargo bench --bench selection`; see benches/README.md.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Uri};
@@ -148,17 +149,9 @@ fn request(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion(2, 20);
     targets = picks, request
 }
 criterion_main!(benches);
