@@ -195,13 +195,19 @@ impl BackendLive {
     }
 
     /// Starts a request within `max` in flight (none: no limit), waiting
-    /// until `deadline` for one to finish; `None` when the wait timed out.
+    /// up to `wait` for one to finish; `None` when the wait timed out.
     /// Waiters are woken in arrival order, one per finished request.
-    pub async fn start_request_within(self: &Arc<Self>, max: Option<u64>, deadline: Instant) -> Option<InFlight> {
+    pub async fn start_request_within(
+        self: &Arc<Self>,
+        max: Option<u64>,
+        wait: std::time::Duration,
+    ) -> Option<InFlight> {
         let Some(max) = max else { return Some(self.start_request()) };
         if let Some(guard) = self.try_start_request(max) {
             return Some(guard);
         }
+        // The clock is read only when the request has to queue.
+        let deadline = Instant::now() + wait;
         self.queued.fetch_add(1, Ordering::Relaxed);
         let _queued = Queued(self);
         loop {

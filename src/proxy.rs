@@ -231,8 +231,8 @@ async fn proxy(
         placed.backend = Some(backend.name.clone());
         placed.outcome = Some(sel.outcome);
         placed.attempts += 1;
-        let queue_deadline = Instant::now() + pool.queue_timeout;
-        let Some(in_flight) = backend.live.start_request_within(backend.max_connections, queue_deadline).await else {
+        let Some(in_flight) = backend.live.start_request_within(backend.max_connections, pool.queue_timeout).await
+        else {
             break Err(ProxyError::QueueTimeout);
         };
         let transport = &backend.transport;
