@@ -105,8 +105,8 @@ pub struct GlobalTimeouts {
     /// PROXY header and the HTTP/2 preface too). Default 10 s.
     pub header_read: Spanned<Dur>,
     /// A connection with no request in progress and nothing read or written
-    /// for this long is closed (HTTP/1.1 keep-alive, HTTP/2, upgraded
-    /// connections). Default 60 s.
+    /// for this long is closed (HTTP/1.1 keep-alive, HTTP/2; an upgraded
+    /// connection keeps its pool's `idle` instead). Default 60 s.
     pub client_idle: Spanned<Dur>,
     /// A request body that sends nothing for this long is answered with 408
     /// and its connection closed (HTTP/1.1). Default 30 s.
