@@ -16,13 +16,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::config::Protocol;
 use crate::live::InFlight;
 use crate::transport::BoxError;
-use crate::upstream::Connection;
+use crate::upstream::UpstreamBody;
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -272,8 +271,7 @@ pub fn downstream_switch<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderVa
 /// read to the end its connection goes back to the pool; until it is
 /// dropped the backend counts the request as in flight.
 pub struct ProxyBody {
-    inner: Incoming,
-    conn: Option<Connection>,
+    inner: UpstreamBody,
     in_flight: InFlight,
     /// How long the backend may send nothing mid-body.
     stall_limit: Duration,
@@ -283,10 +281,8 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    /// `conn` is the HTTP/1.1 connection to give back at the end (none for
-    /// HTTP/2, whose connection is shared).
-    pub fn new(inner: Incoming, conn: Option<Connection>, in_flight: InFlight, stall_limit: Duration) -> Self {
-        let mut body = ProxyBody { inner, conn, in_flight, stall_limit, stall: None };
+    pub fn new(inner: UpstreamBody, in_flight: InFlight, stall_limit: Duration) -> Self {
+        let mut body = ProxyBody { inner, in_flight, stall_limit, stall: None };
         if body.inner.is_end_stream() {
             body.release();
         }
@@ -301,9 +297,7 @@ impl ProxyBody {
         if stall.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        // Dropping the connection (and, with the body, its response)
-        // closes it: it is never reused.
-        self.conn = None;
+        // The connection is dropped with the body (closed, never reused).
         let live = self.in_flight.live();
         live.count_failure(crate::live::Failure::Timeout);
         tracing::warn!(
@@ -314,7 +308,7 @@ impl ProxyBody {
     }
 
     fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.inner.take_connection() {
             self.in_flight.live().upstream.put_back(conn);
         }
     }
@@ -345,7 +339,6 @@ impl HttpBody for ProxyBody {
             // error goes on to hyper, which aborts the client's response
             // (no final chunk, or fewer bytes than its Content-Length).
             Poll::Ready(Some(Err(e))) => {
-                self.conn = None;
                 let live = self.in_flight.live();
                 live.count_failure(crate::live::Failure::Aborted);
                 tracing::warn!(
@@ -355,7 +348,7 @@ impl HttpBody for ProxyBody {
             }
             _ => {}
         }
-        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

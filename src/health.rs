@@ -364,17 +364,21 @@ async fn probe_inner(backend: &BackendLive, check: &HealthCheck, transport: &Tra
                 headers.insert(http::header::HOST, host);
             }
             headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-            let mut sender = transport.connect_h1(addr, check.timeout).await.map_err(|e| e.to_string())?;
-            sender.send_request(request).await
+            let io = transport.connect_io(addr).await.map_err(|e| e.to_string())?;
+            let resp = crate::h1::client::Conn::new(io, transport.fingerprint).send(request).await;
+            resp.map(|r| r.status()).map_err(|e| match e {
+                crate::h1::client::SendFailure::NotSent(_, e) => e.to_string(),
+                crate::h1::client::SendFailure::Failed(e) => e.to_string(),
+            })
         }
         Protocol::H2 => {
             let mut request = request;
             crate::forward::for_backend(&mut request, Protocol::H2, transport.scheme(), addr);
             let mut sender = transport.connect_h2(addr, check.timeout).await.map_err(|e| e.to_string())?;
-            sender.send_request(request).await
+            sender.send_request(request).await.map(|r| r.status()).map_err(|e| e.to_string())
         }
     };
-    let status = resp.map_err(|e| format!("request failed: {e}"))?.status().as_u16();
+    let status = resp.map_err(|e| format!("request failed: {e}"))?.as_u16();
     if check.expect.contains(status) { Ok(()) } else { Err(format!("status {status}")) }
 }
 

@@ -35,6 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod forwarded_for;
+pub mod h1;
 pub mod health;
 pub mod impact;
 pub mod live;

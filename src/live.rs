@@ -258,11 +258,6 @@ impl Failure {
             Failure::Aborted => "aborted",
         }
     }
-
-    /// A send that failed after the request may have been written.
-    pub fn of_send_error(e: &hyper::Error) -> Failure {
-        if e.is_parse() || e.is_parse_status() { Failure::InvalidResponse } else { Failure::Closed }
-    }
 }
 
 const NO_OVERRIDE: u8 = u8::MAX;

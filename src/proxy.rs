@@ -25,7 +25,7 @@ use crate::live::InFlight;
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
 use crate::snapshot::{AffinityRule, Backend, Pool, Snapshot};
 use crate::transport::BoxError;
-use crate::upstream::{Body, ConnectError, SendError};
+use crate::upstream::{Body, ConnectError, SendError, UpstreamBody, UpstreamError};
 
 /// `Retry-After` on 503s: about how long a check cycle takes to notice a
 /// backend is back.
@@ -58,7 +58,7 @@ pub enum ProxyError {
     /// The client's pinned backend is out and the pool must not move it.
     PinnedUnavailable,
     Connect(ConnectError),
-    Upstream(hyper::Error),
+    Upstream(UpstreamError),
     /// The client's request body failed while it was read or sent on.
     ClientBody(BoxError),
     /// The backend switched protocols for a request that did not ask to.
@@ -108,7 +108,7 @@ impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyError::Connect(e) => write!(f, "{e}"),
-            ProxyError::Upstream(e) => match Failure::of_send_error(e) {
+            ProxyError::Upstream(e) => match e.failure() {
                 Failure::InvalidResponse => write!(f, "backend sent an invalid response: {e}"),
                 _ => write!(f, "backend failed before a complete response: {e}"),
             },
@@ -240,7 +240,7 @@ async fn proxy(
         let send = backend.live.upstream.send(req, transport, pool.connect_timeout, pool.keep_alive);
         let sent = tokio::time::timeout(pool.response_timeout, send).await;
         let failure = match sent {
-            Ok(Ok((mut resp, connection))) => {
+            Ok(Ok(mut resp)) => {
                 let status = resp.status();
                 if is_gateway_failure(status) {
                     passive_failure(runtime, pool, backend, &format!("status {}", status.as_u16()));
@@ -249,15 +249,14 @@ async fn proxy(
                 }
                 let cookie = if sel.set_cookie { backend.set_cookie_for(conn.https) } else { None };
                 if status == StatusCode::SWITCHING_PROTOCOLS {
-                    // The backend's connection now belongs to the tunnel: it
-                    // is dropped here, never pooled.
-                    drop(connection);
+                    // The backend's connection now belongs to the tunnel,
+                    // never to the pool.
                     break switch(runtime, pool, resp, client_upgrade.take(), in_flight, cookie);
                 }
                 // hyper answers in the client's version anyway; an HTTP/2
                 // version from an h2 backend would only make it warn.
                 *resp.version_mut() = Version::HTTP_11;
-                let mut resp = resp.map(|body| ProxyBody::new(body, connection, in_flight, pool.body_timeout).boxed());
+                let mut resp = resp.map(|body| ProxyBody::new(body, in_flight, pool.body_timeout).boxed());
                 forward::downstream_response(&mut resp, cookie);
                 break Ok(resp);
             }
@@ -271,9 +270,9 @@ async fn proxy(
             // The client's request body broke off (the client went away or
             // stalled past `request_body`): not the backend's fault, and
             // nothing to retry.
-            Ok(Err(SendError::Failed(e))) if is_client_body_error(&e) => break Err(ProxyError::ClientBody(e.into())),
+            Ok(Err(SendError::Failed(e))) if e.is_client_body() => break Err(ProxyError::ClientBody(e.into())),
             Ok(Err(SendError::Failed(e))) => {
-                backend.live.count_failure(Failure::of_send_error(&e));
+                backend.live.count_failure(e.failure());
                 passive_failure(runtime, pool, backend, "connection failed");
                 let Some(replay) = &replay else { break Err(ProxyError::Upstream(e)) };
                 tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
@@ -325,25 +324,21 @@ async fn proxy(
 fn switch(
     runtime: &Runtime,
     pool: &Pool,
-    mut resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     client: Option<OnUpgrade>,
     in_flight: InFlight,
     set_cookie: Option<&HeaderValue>,
 ) -> Result<Response<Body>, ProxyError> {
-    let Some(client) = client else { return Err(ProxyError::UnaskedSwitch) };
-    let backend = hyper::upgrade::on(&mut resp);
+    let (parts, body) = resp.into_parts();
+    let backend = match body {
+        UpstreamBody::H1(body) => body.into_upgraded(),
+        UpstreamBody::H2(_) => None,
+    };
+    let (Some(client), Some(backend)) = (client, backend) else { return Err(ProxyError::UnaskedSwitch) };
     runtime.tunnels.spawn(client, backend, pool.idle_timeout, in_flight);
-    let mut resp = resp.map(|_| empty_body());
+    let mut resp = Response::from_parts(parts, empty_body());
     forward::downstream_switch(&mut resp, set_cookie);
     Ok(resp)
-}
-
-/// Whether sending failed because the client's request body did: hyper
-/// reports an error of the body stream it was given as a user error whose
-/// cause is the client connection's own error.
-fn is_client_body_error(e: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    e.is_user() && e.source().is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// 502, 503 and 504 from a backend count as its failures (passive health).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -59,8 +59,8 @@ impl std::fmt::Display for ConnectError {
 }
 
 /// A byte stream to a backend, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 
 /// The way to one backend.
 pub struct Transport {
@@ -112,26 +112,6 @@ impl Transport {
                 Ok(Box::new(stream))
             }
         }
-    }
-
-    /// A new HTTP/1.1 connection (upgrades allowed), within `timeout`.
-    pub async fn connect_h1(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let connect = async {
-            let io = self.connect_io(addr).await?;
-            let (sender, conn) =
-                http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(ConnectError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%addr, error = %e, "backend connection ended with an error");
-                }
-            });
-            Ok(sender)
-        };
-        tokio::time::timeout(timeout, connect).await.unwrap_or(Err(ConnectError::Timeout))
     }
 
     /// A new HTTP/2 connection, within `timeout`.

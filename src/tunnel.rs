@@ -67,7 +67,13 @@ impl Tunnels {
 
     /// Joins the two sides once both upgrades have completed (the client's
     /// when hyper has written the 101). `in_flight` is held to the end.
-    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, backend: OnUpgrade, idle: Duration, in_flight: InFlight) {
+    pub fn spawn(
+        self: &Arc<Self>,
+        client: OnUpgrade,
+        backend: impl AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        idle: Duration,
+        in_flight: InFlight,
+    ) {
         let mut close = self.close.subscribe();
         let open = Open::new(self.clone(), in_flight);
         tokio::spawn(async move {
@@ -105,12 +111,16 @@ impl Tunnels {
 /// Copies both ways until either side closes (its end is passed on to the
 /// other side, then both are closed) or the tunnel is idle; returns how it
 /// ended.
-async fn run(client: OnUpgrade, backend: OnUpgrade, idle: Duration) -> Result<&'static str, String> {
-    let (client, backend) = tokio::try_join!(client, backend).map_err(|e| format!("upgrade: {e}"))?;
+async fn run(
+    client: OnUpgrade,
+    backend: impl AsyncRead + AsyncWrite + Unpin,
+    idle: Duration,
+) -> Result<&'static str, String> {
+    let client = client.await.map_err(|e| format!("upgrade: {e}"))?;
     let last = Arc::new(AtomicU64::new(now_ms()));
     let client = Activity { inner: TokioIo::new(client), last: last.clone() };
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
-    let (mut backend_rx, mut backend_tx) = tokio::io::split(TokioIo::new(backend));
+    let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let up = async {
         let copied = tokio::io::copy(&mut client_rx, &mut backend_tx).await;
         let _ = backend_tx.shutdown().await;

@@ -1,5 +1,6 @@
-//! Connections to one backend: keep-alive HTTP/1.1 connections, or one
-//! shared, multiplexed HTTP/2 connection (made again when it closes).
+//! Connections to one backend: keep-alive HTTP/1.1 connections (tether's
+//! own client, [`crate::h1::client`], driven by the request's task), or one
+//! shared, multiplexed HTTP/2 connection (hyper's, made again when it closes).
 //!
 //! tether keeps its own small pool instead of a generic client because
 //! failover must know whether a request reached the backend: when a
@@ -9,17 +10,23 @@
 //! method or body. Once it may have been written, it is [`SendError::Failed`].
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
 
 use crate::config::Protocol;
-use crate::transport::Transport;
+use crate::h1::client::{self as h1, Conn, ResponseBody, SendFailure};
+use crate::live::Failure;
 pub use crate::transport::{Body, ConnectError};
+use crate::transport::{BoxError, Transport};
 
 /// Idle connections kept per backend; more are closed.
 const MAX_IDLE: usize = 512;
@@ -29,23 +36,107 @@ pub enum SendError {
     /// Nothing reached the backend; the request is handed back.
     NotSent { request: Box<Request<Body>>, cause: ConnectError },
     /// The request may have reached the backend.
-    Failed(hyper::Error),
+    Failed(UpstreamError),
 }
 
-/// An HTTP/1.1 connection, ready for the next request once the current
-/// response body has been read to the end; give it back with
-/// [`Upstream::put_back`]. Never given back after an upgrade.
+/// A request that failed once it may have reached the backend.
 #[derive(Debug)]
-pub struct Connection {
-    sender: http1::SendRequest<Body>,
-    /// Of the transport it was made with.
-    fingerprint: u64,
+pub enum UpstreamError {
+    H1(h1::Error),
+    H2(hyper::Error),
+}
+
+impl UpstreamError {
+    /// How the backend failed, for `tether_backend_failures_total`.
+    pub fn failure(&self) -> Failure {
+        match self {
+            UpstreamError::H1(h1::Error::Invalid(_)) => Failure::InvalidResponse,
+            UpstreamError::H1(_) => Failure::Closed,
+            UpstreamError::H2(e) if e.is_parse() || e.is_parse_status() => Failure::InvalidResponse,
+            UpstreamError::H2(_) => Failure::Closed,
+        }
+    }
+
+    /// Whether sending failed because the client's request body did. hyper
+    /// reports an error of the body it was given as a user error whose
+    /// cause is the client connection's own error.
+    pub fn is_client_body(&self) -> bool {
+        use std::error::Error as _;
+        match self {
+            UpstreamError::H1(e) => matches!(e, h1::Error::ClientBody(_)),
+            UpstreamError::H2(e) => e.is_user() && e.source().is_some_and(|cause| cause.is::<hyper::Error>()),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::H1(e) => e.fmt(f),
+            UpstreamError::H2(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::H1(e) => e.source(),
+            UpstreamError::H2(e) => e.source(),
+        }
+    }
+}
+
+/// A backend's response body: from an HTTP/1.1 connection (which it owns
+/// until the end) or a stream of the shared HTTP/2 connection.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    H1(ResponseBody),
+    H2(Incoming),
+}
+
+impl UpstreamBody {
+    /// The HTTP/1.1 connection, once the body has ended and the backend
+    /// keeps it open.
+    pub fn take_connection(&mut self) -> Option<Box<Conn>> {
+        match self {
+            UpstreamBody::H1(b) => b.take_connection(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
-    idle: Mutex<Vec<(Connection, Instant)>>,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Mutex<Vec<(Box<Conn>, Instant)>>,
     /// The shared HTTP/2 connection and its transport's fingerprint.
     shared: Mutex<Option<(http2::SendRequest<Body>, u64)>>,
     /// One HTTP/2 connection attempt at a time: requests arriving meanwhile
@@ -73,8 +164,8 @@ impl Upstream {
         }
     }
 
-    /// Sends a request the way `transport` says. An HTTP/1.1 response comes
-    /// with its connection, to give back once its body is read; a pooled
+    /// Sends a request the way `transport` says. An HTTP/1.1 response's
+    /// body owns its connection, to give back once read; a pooled
     /// connection idle for `keep_alive` or longer is closed, not reused.
     pub async fn send(
         &self,
@@ -82,13 +173,13 @@ impl Upstream {
         transport: &Transport,
         connect_timeout: Duration,
         keep_alive: Duration,
-    ) -> Result<(Response<Incoming>, Option<Connection>), SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         match transport.protocol {
             Protocol::Http1 => {
-                let (resp, conn) = self.send_h1(request, transport, connect_timeout, keep_alive).await?;
-                Ok((resp, Some(conn)))
+                let resp = self.send_h1(request, transport, connect_timeout, keep_alive).await?;
+                Ok(resp.map(UpstreamBody::H1))
             }
-            Protocol::H2 => Ok((self.send_h2(request, transport, connect_timeout).await?, None)),
+            Protocol::H2 => Ok(self.send_h2(request, transport, connect_timeout).await?.map(UpstreamBody::H2)),
         }
     }
 
@@ -99,27 +190,24 @@ impl Upstream {
         transport: &Transport,
         connect_timeout: Duration,
         keep_alive: Duration,
-    ) -> Result<(Response<Incoming>, Connection), SendError> {
-        while let Some(mut conn) = self.take_idle(transport.fingerprint, keep_alive) {
-            if conn.sender.ready().await.is_err() {
-                continue; // closed by the backend while idle
-            }
-            match conn.sender.try_send_request(request).await {
-                Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
-                    Some(req) => request = req, // never written: try the next one
-                    None => return Err(SendError::Failed(e.into_error())),
-                },
+    ) -> Result<Response<ResponseBody>, SendError> {
+        while let Some(conn) = self.take_idle(transport.fingerprint, keep_alive) {
+            match conn.send(request).await {
+                Ok(resp) => return Ok(resp),
+                // Closed under us before a byte went out: try the next one.
+                Err(SendFailure::NotSent(req, _)) => request = *req,
+                Err(SendFailure::Failed(e)) => return Err(SendError::Failed(UpstreamError::H1(e))),
             }
         }
-        let sender = match transport.connect_h1(self.addr, connect_timeout).await {
-            Ok(s) => s,
+        let connect = tokio::time::timeout(connect_timeout, transport.connect_io(self.addr));
+        let io = match connect.await.unwrap_or(Err(ConnectError::Timeout)) {
+            Ok(io) => io,
             Err(cause) => return Err(SendError::NotSent { request: Box::new(request), cause }),
         };
-        let mut conn = Connection { sender, fingerprint: transport.fingerprint };
-        match conn.sender.try_send_request(request).await {
-            Ok(resp) => Ok((resp, conn)),
-            Err(e) => Err(not_sent_or_failed(e)),
+        match Conn::new(io, transport.fingerprint).send(request).await {
+            Ok(resp) => Ok(resp),
+            Err(SendFailure::NotSent(request, e)) => Err(SendError::NotSent { request, cause: ConnectError::Io(e) }),
+            Err(SendFailure::Failed(e)) => Err(SendError::Failed(UpstreamError::H1(e))),
         }
     }
 
@@ -135,7 +223,7 @@ impl Upstream {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(req) => request = req, // closed before it was sent
-                    None => return Err(SendError::Failed(e.into_error())),
+                    None => return Err(SendError::Failed(UpstreamError::H2(e.into_error()))),
                 },
             }
         }
@@ -188,10 +276,7 @@ impl Upstream {
     }
 
     /// Returns a connection whose response was read completely.
-    pub fn put_back(&self, conn: Connection) {
-        if conn.sender.is_closed() {
-            return;
-        }
+    pub fn put_back(&self, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
@@ -205,14 +290,14 @@ impl Upstream {
 
     /// The most recently used live connection made with this transport
     /// (LIFO keeps few connections warm); others are closed.
-    fn take_idle(&self, fingerprint: u64, keep_alive: Duration) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if conn.fingerprint == fingerprint && !conn.sender.is_closed() && since.elapsed() < keep_alive {
+    fn take_idle(&self, fingerprint: u64, keep_alive: Duration) -> Option<Box<Conn>> {
+        loop {
+            let (mut conn, since) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            // Checked outside the lock: it may read the socket.
+            if conn.fingerprint == fingerprint && since.elapsed() < keep_alive && conn.is_reusable() {
                 return Some(conn);
             }
         }
-        None
     }
 }
 
@@ -223,6 +308,6 @@ fn not_sent_or_failed(mut e: hyper::client::conn::TrySendError<Request<Body>>) -
         Some(request) => {
             SendError::NotSent { request: Box::new(request), cause: ConnectError::Handshake(e.into_error()) }
         }
-        None => SendError::Failed(e.into_error()),
+        None => SendError::Failed(UpstreamError::H2(e.into_error())),
     }
 }

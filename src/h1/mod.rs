@@ -1,0 +1,163 @@
+//! tether's own HTTP/1.1 code for the hot path: the client side of backend
+//! connections ([`client`]) and the chunked transfer coding ([`chunked`]).
+//! Heads are parsed with `httparse`; header values share the bytes they
+//! were read into.
+
+pub mod chunked;
+pub mod client;
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http::header::{CONNECTION, CONTENT_LENGTH};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length` (0 also for messages that have no body).
+    Length(u64),
+    Chunked,
+    /// A response read until the connection closes.
+    UntilClose,
+}
+
+impl Framing {
+    /// Appends one piece of body data in this framing.
+    pub fn encode_data(self, data: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Framing::Chunked if data.is_empty() => {}
+            Framing::Chunked => {
+                chunked::encode_size(data.len(), out);
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Length(_) | Framing::UntilClose => out.extend_from_slice(data),
+        }
+    }
+
+    /// Appends the end of the body: the last chunk and trailers when chunked.
+    pub fn encode_end(self, trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
+        if self != Framing::Chunked {
+            return;
+        }
+        out.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.into_iter().flatten() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A `Content-Length` that is not a number, or several that disagree.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidLength;
+
+/// The `Content-Length` of a head: `Ok(None)` when absent.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength> {
+    let mut found = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.to_str().map_err(|_| InvalidLength)?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(InvalidLength);
+            }
+            let n: u64 = part.parse().map_err(|_| InvalidLength)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(InvalidLength);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a `Connection` header lists `token`.
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// A stream with bytes already read from it put back in front (what
+/// followed a `101` head, for a tunnel).
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(inner: S, prefix: Bytes) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_must_be_digits_and_agree() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h), Ok(None));
+        h.insert(CONTENT_LENGTH, "42".parse().unwrap());
+        assert_eq!(content_length(&h), Ok(Some(42)));
+        h.append(CONTENT_LENGTH, "42, 42".parse().unwrap());
+        assert_eq!(content_length(&h), Ok(Some(42)));
+        h.append(CONTENT_LENGTH, "43".parse().unwrap());
+        assert_eq!(content_length(&h), Err(InvalidLength));
+        h.insert(CONTENT_LENGTH, "+1".parse().unwrap());
+        assert_eq!(content_length(&h), Err(InvalidLength));
+    }
+
+    #[test]
+    fn chunked_framing_wraps_data_and_ends_with_trailers() {
+        let mut out = Vec::new();
+        Framing::Chunked.encode_data(b"hello", &mut out);
+        Framing::Chunked.encode_data(b"", &mut out);
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        Framing::Chunked.encode_end(Some(&t), &mut out);
+        assert_eq!(out, b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n");
+        let mut plain = Vec::new();
+        Framing::Length(5).encode_data(b"hello", &mut plain);
+        Framing::Length(5).encode_end(None, &mut plain);
+        assert_eq!(plain, b"hello");
+    }
+}
