@@ -116,20 +116,22 @@ impl Conn {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let framing = encode_head(&parts.method, &parts.uri, &parts.headers, &body, &mut out);
-        // A body already at hand (a buffered or small one) goes with the head.
+        // A body already at hand (a buffered or small one) goes with the
+        // head; a larger first frame is kept to be written after it.
+        let mut inline = None;
+        let mut taken = None;
         let mut body_done = body.is_end_stream();
         if !body_done {
             match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref().filter(|d| d.len() <= INLINE_BODY) {
-                        framing.encode_data(data, &mut out);
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.len() <= INLINE_BODY => {
+                        framing.encode_data(&data, &mut out);
                         body_done = body.is_end_stream();
-                    } else {
-                        // A large chunk or trailers: written after the head.
-                        self.out = out;
-                        return self.send_streaming(parts, body, Some(frame), framing, head_request).await;
+                        inline = Some(data);
                     }
-                }
+                    Ok(data) => taken = Some(Frame::data(data)),
+                    Err(trailers) => taken = Some(trailers),
+                },
                 Poll::Ready(Some(Err(e))) => return Err(SendFailure::Failed(Error::ClientBody(e))),
                 Poll::Ready(None) => body_done = true,
                 Poll::Pending => {}
@@ -138,37 +140,15 @@ impl Conn {
         if body_done {
             framing.encode_end(None, &mut out);
         }
-        match write_all(&mut *self.io, &out).await {
-            Ok(()) => {}
-            Err((0, e)) => {
-                self.out = out;
-                let req = Request::from_parts(parts, body);
-                return Err(SendFailure::NotSent(Box::new(req), e));
-            }
-            Err((_, e)) => return Err(SendFailure::Failed(Error::Io(e))),
-        }
+        let written = write_all(&mut *self.io, &out).await;
         self.out = out;
-        if !body_done {
-            self.write_body(&mut body, None, framing).await.map_err(SendFailure::Failed)?;
-        }
-        self.read_response(head_request).await.map_err(SendFailure::Failed)
-    }
-
-    /// The head first, then `first` and the rest of the body.
-    async fn send_streaming(
-        mut self: Box<Self>,
-        parts: http::request::Parts,
-        mut body: Body,
-        first: Option<Frame<Bytes>>,
-        framing: Framing,
-        head_request: bool,
-    ) -> Result<Response<ResponseBody>, SendFailure> {
-        let out = std::mem::take(&mut self.out);
-        match write_all(&mut *self.io, &out).await {
+        match written {
             Ok(()) => {}
             Err((0, e)) => {
-                // The frame already taken from the body is put back in front.
-                let body = match first.and_then(|f| f.into_data().ok()) {
+                // Nothing went out: the request is handed back whole, with
+                // what was taken from its body put back in front.
+                let front = inline.or_else(|| taken.and_then(|f| f.into_data().ok()));
+                let body = match front {
                     Some(data) => prepend(data, body),
                     None => body,
                 };
@@ -176,18 +156,19 @@ impl Conn {
             }
             Err((_, e)) => return Err(SendFailure::Failed(Error::Io(e))),
         }
-        self.out = out;
-        self.write_body(&mut body, first, framing).await.map_err(SendFailure::Failed)?;
-        self.read_response(head_request).await.map_err(SendFailure::Failed)
+        let complete = body_done || self.write_body(&mut body, taken, framing).await.map_err(SendFailure::Failed)?;
+        self.read_response(head_request, complete).await.map_err(SendFailure::Failed)
     }
 
     /// Writes the body's frames as they come, framed as the head said.
+    /// Returns `false` when the backend answered (or closed) before it was
+    /// all sent: the rest is not sent, and the connection is not reused.
     async fn write_body(
         &mut self,
         body: &mut Body,
         mut next: Option<Frame<Bytes>>,
         framing: Framing,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let mut out = std::mem::take(&mut self.out);
         let result = async {
             loop {
@@ -199,30 +180,34 @@ impl Conn {
                         None => {
                             out.clear();
                             framing.encode_end(None, &mut out);
-                            return write_all(&mut *self.io, &out).await.map_err(|(_, e)| Error::Io(e));
+                            return self.write_watching(&out).await;
                         }
                     },
                 };
                 out.clear();
-                match frame.into_data() {
+                let sent = match frame.into_data() {
                     Ok(data) if framing == Framing::Chunked && data.len() > INLINE_BODY => {
                         // Large: the data is written as it is, between its framing.
                         chunked::encode_size(data.len(), &mut out);
-                        write_all(&mut *self.io, &out).await.map_err(|(_, e)| Error::Io(e))?;
-                        write_all(&mut *self.io, &data).await.map_err(|(_, e)| Error::Io(e))?;
-                        write_all(&mut *self.io, b"\r\n").await.map_err(|(_, e)| Error::Io(e))?;
+                        self.write_watching(&out).await?
+                            && self.write_watching(&data).await?
+                            && self.write_watching(b"\r\n").await?
                     }
                     Ok(data) if framing == Framing::Chunked => {
                         framing.encode_data(&data, &mut out);
-                        write_all(&mut *self.io, &out).await.map_err(|(_, e)| Error::Io(e))?;
+                        self.write_watching(&out).await?
                     }
-                    Ok(data) => write_all(&mut *self.io, &data).await.map_err(|(_, e)| Error::Io(e))?,
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
+                    Ok(data) => self.write_watching(&data).await?,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => {
                             framing.encode_end(Some(&trailers), &mut out);
-                            return write_all(&mut *self.io, &out).await.map_err(|(_, e)| Error::Io(e));
+                            return self.write_watching(&out).await;
                         }
-                    }
+                        Err(_) => true,
+                    },
+                };
+                if !sent {
+                    return Ok(false);
                 }
             }
         }
@@ -231,15 +216,54 @@ impl Conn {
         result
     }
 
+    /// Writes `data` while watching for the backend's answer: a backend may
+    /// answer (a 413, say) and stop reading before the body has all
+    /// arrived, and a writer that only wrote would wait for it forever.
+    /// `Ok(false)`: the backend answered or closed first.
+    async fn write_watching(&mut self, mut data: &[u8]) -> Result<bool, Error> {
+        let Conn { io, buf, .. } = self;
+        poll_fn(|cx| {
+            while !data.is_empty() {
+                match Pin::new(&mut **io).poll_write(cx, data) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into()))),
+                    Poll::Ready(Ok(n)) => data = &data[n..],
+                    // The backend may have answered before closing: the
+                    // response is read next.
+                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(false)),
+                    // Blocked: is the backend saying something?
+                    Poll::Pending => loop {
+                        match poll_read_more(&mut **io, buf, cx) {
+                            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
+                            Poll::Ready(Ok(_)) if answered(buf) || buf.len() > MAX_HEAD_BYTES => {
+                                return Poll::Ready(Ok(false));
+                            }
+                            Poll::Ready(Ok(_)) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    },
+                }
+            }
+            Poll::Ready(Ok(true))
+        })
+        .await
+    }
+
     /// Reads until a final response head (1xx other than 101 are skipped).
-    async fn read_response(mut self: Box<Self>, head_request: bool) -> Result<Response<ResponseBody>, Error> {
+    /// `complete`: the whole request was sent (else the connection is not
+    /// reused).
+    async fn read_response(
+        mut self: Box<Self>,
+        head_request: bool,
+        complete: bool,
+    ) -> Result<Response<ResponseBody>, Error> {
         loop {
             if let Some((mut resp, status, version)) = take_head(&mut self.buf)? {
                 if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                     continue;
                 }
                 let framing = response_framing(status, head_request, resp.headers_mut())?;
-                let keep_alive = keeps_alive(version, resp.headers());
+                let keep_alive = complete && keeps_alive(version, resp.headers());
                 let body = ResponseBody::new(self, framing, keep_alive);
                 return Ok(resp.map(|()| body));
             }
@@ -301,6 +325,22 @@ fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Ver
     *resp.version_mut() = version;
     *resp.headers_mut() = map;
     Ok(Some((resp, status, version)))
+}
+
+/// Whether `buf` holds the backend's answer: a complete final response
+/// head (after any interim ones), or bytes that cannot be one.
+fn answered(mut buf: &[u8]) -> bool {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if resp.code.is_some_and(|c| (100..200).contains(&c) && c != 101) => {
+                buf = &buf[len..];
+            }
+            Ok(httparse::Status::Complete(_)) | Err(_) => return true,
+            Ok(httparse::Status::Partial) => return false,
+        }
+    }
 }
 
 /// How the response body is delimited (RFC 9112 §6.3). A `Content-Length`
