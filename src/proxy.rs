@@ -139,8 +139,24 @@ struct Placement {
 pub async fn handle(
     runtime: Arc<Runtime>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // A WebSocket (or other) upgrade: the client's side of the tunnel, once
+    // the backend agrees with a 101.
+    let client_upgrade = forward::upgrade_protocol(&req).is_some().then(|| hyper::upgrade::on(&mut req));
+    let req = req.map(|b| b.map_err(BoxError::from).boxed());
+    Ok(respond(&runtime, &conn, req, client_upgrade).await)
+}
+
+/// Answers one client request: route, select, forward, record, and the
+/// access log line. `client_upgrade` is the client's side of an upgrade the
+/// request asks for.
+pub async fn respond(
+    runtime: &Runtime,
+    conn: &ConnInfo,
+    req: Request<Body>,
+    client_upgrade: Option<OnUpgrade>,
+) -> Response<Body> {
     let start = Instant::now();
     // The one snapshot this request uses to its end, even if a reload swaps
     // in another meanwhile.
@@ -151,7 +167,7 @@ pub async fn handle(
     // Behind trusted proxies, the client named by `X-Forwarded-For`.
     let client_ip = crate::forwarded_for::client_ip(&snap.trusted_proxies, conn.peer.ip(), req.headers());
     let mut placed = Placement::default();
-    let resp = match proxy(&runtime, &snap, &conn, client_ip, req, &mut placed, start).await {
+    let resp = match proxy(runtime, &snap, conn, client_ip, req, client_upgrade, &mut placed, start).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(pool = placed.pool.as_deref(), backend = placed.backend.as_deref(), error = %e, "request failed");
@@ -171,15 +187,17 @@ pub async fn handle(
         attempts: placed.attempts,
         duration: start.elapsed(),
     });
-    Ok(resp)
+    resp
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     runtime: &Runtime,
     snap: &Snapshot,
     conn: &ConnInfo,
     client_ip: IpAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
+    mut client_upgrade: Option<OnUpgrade>,
     placed: &mut Placement,
     start: Instant,
 ) -> Result<Response<Body>, ProxyError> {
@@ -207,11 +225,7 @@ async fn proxy(
         AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
         _ => None,
     };
-    // A WebSocket (or other) upgrade: the client's side of the tunnel, once
-    // the backend agrees with a 101.
-    let upgrade = forward::upgrade_protocol(&req);
-    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let mut req = req.map(|b| b.map_err(BoxError::from).boxed());
+    let upgrade = client_upgrade.as_ref().and(forward::upgrade_protocol(&req));
     forward::upstream_request(
         &mut req,
         &forward::Upstream {

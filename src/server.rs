@@ -10,6 +10,8 @@
 //!
 //! - `accept`: the accept loop, `max_connections`, backoff on accept errors.
 //! - `connection`: one connection: PROXY header, TLS, protocol, hyper.
+//! - `http1`: the fast path: tether's own HTTP/1.1 server for plain
+//!   requests on plain listeners, handing over to hyper for the rest.
 //! - `client_io`: the stream hyper reads: raw-head scan and client timeouts.
 //! - [`head_scan`]: request-smuggling checks on raw HTTP/1.1 bytes.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 parser.
@@ -32,6 +34,7 @@ mod client_io;
 mod connection;
 mod dispatch;
 pub mod head_scan;
+mod http1;
 pub mod proxy_protocol;
 
 use accept::{Gate, Permit};

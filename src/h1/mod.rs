@@ -1,10 +1,12 @@
 //! tether's own HTTP/1.1 code for the hot path: the client side of backend
-//! connections ([`client`]) and the chunked transfer coding ([`chunked`]).
+//! connections ([`client`]), request heads and response heads of the
+//! client side ([`server`]), and the chunked transfer coding ([`chunked`]).
 //! Heads are parsed with `httparse`; header values share the bytes they
 //! were read into.
 
 pub mod chunked;
 pub mod client;
+pub mod server;
 
 use std::io;
 use std::pin::Pin;

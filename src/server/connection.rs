@@ -142,32 +142,62 @@ impl Task {
         }
     }
 
-    async fn run(self, mut tcp: TcpStream, permit: Permit) {
-        let limits = self.builders.limits;
-        let head_deadline = self.started + limits.header_read;
+    async fn run(mut self, mut tcp: TcpStream, permit: Permit) {
         let mut peer = self.peer;
         let mut surplus = Vec::new();
         if self.proxy_protocol {
-            let read = tokio::time::timeout_at(head_deadline, proxy_protocol::read_header(&mut tcp));
-            let Some(read) = self.before_stop(read).await else { return };
-            match read {
-                Ok(Ok((header, rest))) => {
-                    peer = header.source.unwrap_or(peer);
-                    surplus = rest;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %self.peer, error = %e, "connection without a valid PROXY header refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %self.peer, "no PROXY header within header_read; connection closed");
-                    return;
+            // Boxed, like every stage an idle connection is not in: the
+            // task's state machine is as big as its biggest await.
+            let Some(header) = Box::pin(self.proxy_header(&mut tcp)).await else { return };
+            (peer, surplus) = header;
+        }
+        let info = Arc::new(ConnInfo::new(self.listener.clone(), peer, self.local, self.tls.is_some()));
+        if self.tls.is_none() && matches!(self.handler, Handler::Proxy) {
+            // Plain HTTP/1.1 requests are served by tether's own fast path;
+            // hyper takes over at the first one it cannot serve.
+            let client = super::http1::Client {
+                runtime: &self.runtime,
+                info: &info,
+                limits: &self.builders.limits,
+                stop: &mut self.stop,
+            };
+            match super::http1::serve(client, &mut tcp, surplus, self.started).await {
+                super::http1::End::Closed => return,
+                super::http1::End::HandOff { read, since } => {
+                    surplus = read;
+                    // hyper's timeouts count from the head it starts with.
+                    self.started = since;
                 }
             }
         }
+        Box::pin(self.serve_hyper(tcp, surplus, info, permit)).await;
+    }
+
+    /// The PROXY protocol header: the client's address it names (else the
+    /// peer's) and the bytes read after it; `None` when the connection ends.
+    async fn proxy_header(&self, tcp: &mut TcpStream) -> Option<(SocketAddr, Vec<u8>)> {
+        let deadline = self.started + self.builders.limits.header_read;
+        let read = tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp));
+        match self.before_stop(read).await? {
+            Ok(Ok((header, rest))) => Some((header.source.unwrap_or(self.peer), rest)),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection without a valid PROXY header refused");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "no PROXY header within header_read; connection closed");
+                None
+            }
+        }
+    }
+
+    /// TLS when configured, then hyper's HTTP/2 or HTTP/1.1 server.
+    async fn serve_hyper(self, tcp: TcpStream, surplus: Vec<u8>, info: Arc<ConnInfo>, permit: Permit) {
+        let limits = self.builders.limits;
+        let peer = info.peer;
+        let head_deadline = self.started + limits.header_read;
         let mut io = Prefixed::new(tcp, surplus);
         let shared = Arc::new(ConnShared::default());
-        let info = Arc::new(ConnInfo::new(self.listener.clone(), peer, self.local, self.tls.is_some()));
         let dispatch = Arc::new(Dispatch {
             handler: self.handler.clone(),
             runtime: self.runtime.clone(),
@@ -213,7 +243,8 @@ impl Task {
                         return;
                     }
                 };
-                self.serve_http(io, h2, shared, svc, permit).await
+                // Boxed: the fast path's idle connections need not carry hyper's size.
+                Box::pin(self.serve_http(io, h2, shared, svc, permit)).await
             }
         };
         if let Err(e) = result {

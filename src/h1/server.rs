@@ -1,0 +1,268 @@
+//! The server side of tether's HTTP/1.1 fast path: request heads in,
+//! response heads and bodies out.
+//!
+//! Only plain requests are taken here (see [`take_request`]); anything
+//! else (an upgrade, `Expect`, a `Transfer-Encoding`, a framing the
+//! smuggling checks must see, a parse error) is left in the buffer for
+//! hyper, whose server with tether's head scanner answers it as before.
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+use super::Framing;
+
+/// Header fields a request head may have here (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+
+/// What the front of the read buffer holds.
+#[derive(Debug)]
+pub enum Head {
+    /// A request tether serves itself: its head (taken out of the buffer)
+    /// and the length of its body, which follows in the buffer.
+    Request(Box<Request<()>>, Facts),
+    /// The head is not complete yet.
+    Partial,
+    /// hyper must serve the rest of this connection, starting with this head.
+    HandOff,
+}
+
+/// What the connection must know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    pub body_len: u64,
+    /// `Connection: close`: the last request of the connection.
+    pub close: bool,
+    pub head: bool,
+}
+
+/// Takes a request head off the front of `buf` if it is complete and plain:
+/// HTTP/1.1, not `CONNECT`, no `Upgrade`, `Expect` or `Transfer-Encoding`,
+/// at most one valid `Content-Length` up to `max_body`, a URI of at most
+/// `max_uri` bytes. Header values share the head's bytes.
+pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
+    let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, method, target, count, facts) = {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Head::Partial,
+            Err(_) => return Head::HandOff,
+        };
+        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+            return Head::HandOff;
+        };
+        if path.len() > max_uri || method == "CONNECT" {
+            return Head::HandOff;
+        }
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Head::HandOff };
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+        let mut facts = Facts { body_len: 0, close: false, head: method == Method::HEAD };
+        let mut lengths = 0;
+        for (slot, h) in offsets.iter_mut().zip(req.headers.iter()) {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                lengths += 1;
+                match parse_length(h.value) {
+                    Some(n) if lengths == 1 && n <= max_body => facts.body_len = n,
+                    _ => return Head::HandOff,
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        facts.close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Head::HandOff;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("upgrade")
+                || name.eq_ignore_ascii_case("expect")
+            {
+                return Head::HandOff;
+            }
+            *slot = (at(name.as_bytes()), name.len() as u32, at(h.value), h.value.len() as u32);
+        }
+        (len, method, (at(path.as_bytes()), path.len()), req.headers.len(), facts)
+    };
+    let head = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0 as usize..target.0 as usize + target.1)) else {
+        // Not taken after all: hyper answers it (400) from these bytes.
+        let rest = buf.split();
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(&rest);
+        return Head::HandOff;
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name, name_len, value, value_len) in &offsets[..count] {
+        let (name, value) = (name as usize, value as usize);
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[name..name + name_len as usize]),
+            HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize)),
+        ) else {
+            // httparse accepted what http does not: leave it to hyper.
+            let rest = buf.split();
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&rest);
+            return Head::HandOff;
+        };
+        headers.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Head::Request(Box::new(req), facts)
+}
+
+/// A `Content-Length` value: digits only.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// Whether `bytes` may be the start of the HTTP/2 client preface.
+pub fn may_be_h2_preface(bytes: &[u8]) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let n = bytes.len().min(PREFACE.len());
+    bytes[..n] == PREFACE[..n]
+}
+
+/// Writes a response head for an HTTP/1.1 client and says how its body is
+/// framed: the response's `Content-Length`, else `size` (the body's exact
+/// size, if known), else chunked. Responses that have no body (to `HEAD`,
+/// 1xx, 204, 304) keep their headers as they are.
+pub fn encode_response_head(
+    status: StatusCode,
+    headers: &HeaderMap,
+    size: Option<u64>,
+    no_body: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Framing {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close && !super::connection_has(headers, "close") {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let no_body =
+        no_body || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Length(0)
+    } else {
+        match (super::content_length(headers), size) {
+            (Ok(Some(n)), _) => Framing::Length(n),
+            (_, Some(n)) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+                Framing::Length(n)
+            }
+            _ => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(text: &str) -> (Head, BytesMut) {
+        let mut buf = BytesMut::from(text.as_bytes());
+        let head = take_request(&mut buf, 8192, 1 << 20);
+        (head, buf)
+    }
+
+    #[test]
+    fn a_plain_get_is_taken_and_what_follows_stays() {
+        let (head, rest) = take("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nCookie: t=1\r\n\r\nGET /next");
+        let Head::Request(req, facts) = head else { panic!("{head:?}") };
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()["host"], "x");
+        assert_eq!(req.headers()["cookie"], "t=1");
+        assert_eq!((facts.body_len, facts.close, facts.head), (0, false, false));
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn a_body_length_and_connection_close_are_read() {
+        let (head, rest) = take("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\n\r\nhello");
+        let Head::Request(_, facts) = head else { panic!("{head:?}") };
+        assert_eq!((facts.body_len, facts.close), (5, true));
+        assert_eq!(&rest[..], b"hello");
+    }
+
+    #[test]
+    fn anything_beyond_plain_is_handed_off_untouched() {
+        for text in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n",
+            "GET /chat HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+        ] {
+            let (head, rest) = take(text);
+            assert!(matches!(head, Head::HandOff), "{text:?}: {head:?}");
+            assert_eq!(&rest[..], text.as_bytes(), "left for hyper as it came");
+        }
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        assert!(matches!(take(&long).0, Head::HandOff));
+        assert!(matches!(take("GET / HTTP/1.1\r\nHost: x\r\n").0, Head::Partial));
+    }
+
+    #[test]
+    fn the_h2_preface_is_recognised_from_its_first_bytes() {
+        assert!(may_be_h2_preface(b"PR"));
+        assert!(may_be_h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nmore"));
+        assert!(!may_be_h2_preface(b"GET "));
+        assert!(!may_be_h2_preface(b"PRIX"));
+    }
+
+    #[test]
+    fn response_heads_say_how_the_body_is_framed() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let mut out = Vec::new();
+        let framing = encode_response_head(StatusCode::OK, &h, Some(10), false, false, &mut out);
+        assert_eq!(framing, Framing::Length(10));
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 10\r\n\r\n");
+
+        out.clear();
+        assert_eq!(encode_response_head(StatusCode::OK, &h, None, false, true, &mut out), Framing::Chunked);
+        assert!(out.ends_with(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"));
+
+        out.clear();
+        h.insert("content-length", HeaderValue::from_static("1234"));
+        assert_eq!(encode_response_head(StatusCode::OK, &h, None, true, false, &mut out), Framing::Length(0));
+        assert!(out.ends_with(b"content-length: 1234\r\n\r\n"), "a HEAD response keeps its length");
+        out.clear();
+        let framing = encode_response_head(StatusCode::NO_CONTENT, &HeaderMap::new(), None, false, false, &mut out);
+        assert_eq!((framing, &out[..]), (Framing::Length(0), &b"HTTP/1.1 204 No Content\r\n\r\n"[..]));
+    }
+}

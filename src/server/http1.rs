@@ -1,0 +1,280 @@
+//! tether's own HTTP/1.1 server for plain proxy listeners: the fast path.
+//!
+//! A keep-alive connection spends most of its life idle. Here it waits for
+//! its next request holding no buffer at all (the read buffer is allocated
+//! when bytes arrive and freed when the response has gone out), and each
+//! request is served in the connection's own task: head parsed in place,
+//! proxied, response written, with no per-connection HTTP machinery in
+//! between.
+//!
+//! It serves plain requests only (see [`take_request`]). At the first
+//! request that needs more (an upgrade, `Expect`, chunked or large request
+//! bodies, anything the smuggling checks must judge, a parse error, h2c)
+//! the connection is handed to hyper with the bytes read so far, and hyper
+//! (behind [`super::client_io::ClientIo`]) serves it to the end as before.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::Runtime;
+use crate::h1::Framing;
+use crate::h1::server::{Head, encode_response_head, may_be_h2_preface, take_request};
+use crate::proxy::{ConnInfo, plain_response};
+use crate::snapshot::ClientLimits;
+use crate::upstream::Body;
+
+/// Request bodies up to this size are read whole before the request is
+/// proxied; larger ones go to hyper, which streams them.
+const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+/// The read buffer's first size; it grows up to `max_header_bytes`.
+const READ_SIZE: usize = 4 * 1024;
+/// Response bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// How the fast path ended.
+pub(super) enum End {
+    Closed,
+    /// hyper serves the rest: the bytes read and not consumed, and since
+    /// when the head they begin with has been awaited.
+    HandOff {
+        read: Vec<u8>,
+        since: Instant,
+    },
+}
+
+/// What serving one connection needs.
+pub(super) struct Client<'a> {
+    pub runtime: &'a Runtime,
+    pub info: &'a ConnInfo,
+    pub limits: &'a ClientLimits,
+    /// Becomes `Some` when the listener stops.
+    pub stop: &'a mut watch::Receiver<Option<Duration>>,
+}
+
+/// Serves requests on `tcp` until it closes, times out, the listener stops,
+/// or a request needs hyper. `read` holds bytes already read (the PROXY
+/// header's surplus); `started` is when the connection was accepted.
+pub(super) async fn serve(mut c: Client<'_>, tcp: &mut TcpStream, read: Vec<u8>, started: Instant) -> End {
+    let mut buf = BytesMut::from(&read[..]);
+    drop(read);
+    let mut first = true;
+    loop {
+        if buf.is_empty() {
+            // Freed now, not when the next bytes arrive: an idle connection
+            // holds no buffer.
+            drop(std::mem::take(&mut buf));
+            let deadline = if first { started + c.limits.header_read } else { Instant::now() + c.limits.client_idle };
+            buf = match next_bytes(tcp, deadline, c.stop).await {
+                Ok(buf) => buf,
+                Err(why) => {
+                    tracing::debug!(peer = %c.info.peer, why, "client connection closed between requests");
+                    return End::Closed;
+                }
+            };
+        }
+        let since = if first { started } else { Instant::now() };
+        // Boxed: the connection's task need not be as big as a request's
+        // state while it waits for the next one.
+        match Box::pin(serve_one(&mut c, tcp, &mut buf, first, since)).await {
+            Next::Request => first = false,
+            Next::Close => return End::Closed,
+            Next::HandOff => return End::HandOff { read: buf.to_vec(), since },
+        }
+    }
+}
+
+/// After one request.
+enum Next {
+    /// The connection stays open for another.
+    Request,
+    Close,
+    /// hyper takes the connection with what `buf` holds.
+    HandOff,
+}
+
+/// Reads one request (the head, and a body up to [`MAX_BUFFERED_BODY`])
+/// into `buf`, proxies it and writes the response.
+async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, first: bool, since: Instant) -> Next {
+    let peer = c.info.peer;
+    let (req, facts) = loop {
+        if first && !buf.is_empty() && may_be_h2_preface(buf) {
+            return Next::HandOff;
+        }
+        match take_request(buf, c.limits.max_uri_bytes, MAX_BUFFERED_BODY) {
+            Head::Request(req, facts) => break (req, facts),
+            Head::HandOff => return Next::HandOff,
+            Head::Partial if buf.len() >= c.limits.max_header_bytes => return Next::HandOff,
+            Head::Partial => {}
+        }
+        match read_until(tcp, buf, since + c.limits.header_read).await {
+            Ok(0) => return Next::Close,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no complete request head in time; connection closed");
+                return Next::Close;
+            }
+        }
+    };
+    let body_len = usize::try_from(facts.body_len).unwrap_or(usize::MAX);
+    while buf.len() < body_len {
+        match read_until(tcp, buf, Instant::now() + c.limits.request_body).await {
+            Ok(0) => return Next::Close,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                body_timed_out(c, tcp, &req).await;
+                return Next::Close;
+            }
+            Err(_) => return Next::Close,
+        }
+    }
+    let body = if body_len == 0 { empty_body() } else { full_body(buf.split_to(body_len).freeze()) };
+    let req = req.map(|()| body);
+    let resp = crate::proxy::respond(c.runtime, c.info, req, None).await;
+    let close = facts.close || c.stop.borrow().is_some();
+    match write_response(tcp, resp, facts.head, close, c.limits.client_idle).await {
+        Ok(()) if !close => Next::Request,
+        Ok(()) => Next::Close,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "response to the client not completed; connection closed");
+            Next::Close
+        }
+    }
+}
+
+/// 408 with `Connection: close`, as hyper's path answers a stalled body;
+/// nothing was sent to a backend.
+async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request<()>) {
+    let snap = c.runtime.snapshot();
+    let status = StatusCode::REQUEST_TIMEOUT;
+    snap.access_log.write(&crate::access_log::Entry::unrouted(&snap, c.info, req, status.as_u16(), Duration::ZERO));
+    let resp = plain_response(status, "request body timeout\n");
+    let _ = write_response(tcp, resp, false, true, c.limits.client_idle).await;
+}
+
+/// Waits for the client's next bytes holding no buffer, so an idle
+/// connection costs only its task; the buffer is allocated when the socket
+/// is readable (a readiness left from the last read is found stale by a
+/// read that would block, and the wait goes on).
+async fn next_bytes(
+    tcp: &mut TcpStream,
+    deadline: Instant,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Result<BytesMut, &'static str> {
+    loop {
+        tokio::select! {
+            biased;
+            ready = tcp.readable() => if ready.is_err() { return Err("socket error") },
+            () = tokio::time::sleep_until(deadline) => return Err("timeout (client_idle, or header_read for the first request)"),
+            _ = stop.wait_for(Option::is_some) => return Err("listener stopping"),
+        }
+        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => return Err("closed by the client"),
+            Ok(_) => return Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err("socket error"),
+        }
+    }
+}
+
+/// Reads once into `buf`, waiting until `deadline` at most.
+async fn read_until(tcp: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    loop {
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        match tokio::time::timeout_at(deadline, tcp.readable()).await {
+            Ok(ready) => ready?,
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+/// Writes the response, gathering its head and the body data already at
+/// hand into one write. A body that breaks off aborts the response (fewer
+/// bytes than its length, or no last chunk) and the connection closes.
+async fn write_response(
+    tcp: &mut TcpStream,
+    resp: Response<Body>,
+    head_request: bool,
+    close: bool,
+    stall_limit: Duration,
+) -> io::Result<()> {
+    let (parts, mut body) = resp.into_parts();
+    let mut out = Vec::with_capacity(1024);
+    let size = body.size_hint().exact();
+    let framing = encode_response_head(parts.status, &parts.headers, size, head_request, close, &mut out);
+    if framing == Framing::Length(0) {
+        return write_all(tcp, &out, stall_limit).await;
+    }
+    loop {
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Nothing more at hand: send what is gathered, then wait.
+                write_all(tcp, &out, stall_limit).await?;
+                out.clear();
+                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        match frame {
+            None => {
+                framing.encode_end(None, &mut out);
+                return write_all(tcp, &out, stall_limit).await;
+            }
+            Some(Err(e)) => {
+                write_all(tcp, &out, stall_limit).await?;
+                return Err(io::Error::other(e));
+            }
+            // Trailers are not sent to HTTP/1.1 clients.
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    framing.encode_data(data, &mut out);
+                    if out.len() >= WRITE_BATCH {
+                        write_all(tcp, &out, stall_limit).await?;
+                        out.clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes all of `data`; a client that takes nothing for `stall_limit` is
+/// given up on.
+async fn write_all(tcp: &mut TcpStream, mut data: &[u8], stall_limit: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(stall_limit, tcp.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn empty_body() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
