@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     if let Command::Check { config, against } = &cli.command {
         return tether::cli::check(config, against.as_deref());
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tether::cli::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

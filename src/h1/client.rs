@@ -23,7 +23,7 @@ use super::{Framing, chunked};
 use crate::transport::{Body, BoxError, Io};
 
 /// Header fields a response head may have.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 /// A response head larger than this is refused (502).
 const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// Read size; the buffer grows by at least this much when it is full.
@@ -311,7 +311,8 @@ fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Ver
         (len, status, version, resp.headers.len())
     };
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
+    // Room for `Set-Cookie` and `Cache-Control`, which tether may add.
+    let mut map = HeaderMap::with_capacity(count + 2);
     for &(name, name_len, value, value_len) in &offsets[..count] {
         let (name, value) = (name as usize, value as usize);
         let name =

@@ -13,6 +13,8 @@ use super::Framing;
 
 /// Header fields a request head may have here (hyper's limit too).
 const MAX_HEADERS: usize = 100;
+/// Headers [`crate::forward::upstream_request`] adds to a request.
+const ADDED_UPSTREAM: usize = 4;
 
 /// What the front of the read buffer holds.
 #[derive(Debug)]
@@ -42,9 +44,9 @@ pub struct Facts {
 pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
     let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, method, target, count, facts) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
-        let len = match req.parse(buf) {
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Head::Partial,
             Err(_) => return Head::HandOff,
@@ -95,7 +97,8 @@ pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
         buf.extend_from_slice(&rest);
         return Head::HandOff;
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the forwarding headers tether adds, so the map never grows.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_UPSTREAM);
     for &(name, name_len, value, value_len) in &offsets[..count] {
         let (name, value) = (name as usize, value as usize);
         let (Ok(name), Ok(value)) = (
