@@ -368,7 +368,7 @@ async fn probe_inner(backend: &BackendLive, check: &HealthCheck, transport: &Tra
             let resp = crate::h1::client::Conn::new(io, transport.fingerprint).send(request).await;
             resp.map(|r| r.status()).map_err(|e| match e {
                 crate::h1::client::SendFailure::NotSent(_, e) => e.to_string(),
-                crate::h1::client::SendFailure::Failed(e) => e.to_string(),
+                crate::h1::client::SendFailure::Failed(e, _) => e.to_string(),
             })
         }
         Protocol::H2 => {

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::Runtime;
-use crate::config::OnUnavailable;
+use crate::config::{OnUnavailable, Protocol};
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
 use crate::live::Failure;
 use crate::live::InFlight;
@@ -237,7 +237,7 @@ async fn proxy(
             upgrade,
         },
     );
-    let replay = Replay::prepare(&mut req, pool.retries).await?;
+    let mut replay = Replay::prepare(&mut req, pool.retries).await?;
 
     let mut tried: Vec<usize> = Vec::new();
     let result = loop {
@@ -251,6 +251,11 @@ async fn proxy(
         };
         let transport = &backend.transport;
         forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
+        if let Some(replay) = replay.as_mut()
+            && transport.protocol == Protocol::H2
+        {
+            replay.keep_head(&req);
+        }
         let send = backend.live.upstream.send(req, transport, pool.connect_timeout, pool.keep_alive);
         let sent = tokio::time::timeout(pool.response_timeout, send).await;
         let failure = match sent {
@@ -284,13 +289,15 @@ async fn proxy(
             // The client's request body broke off (the client went away or
             // stalled past `request_body`): not the backend's fault, and
             // nothing to retry.
-            Ok(Err(SendError::Failed(e))) if e.is_client_body() => break Err(ProxyError::ClientBody(e.into())),
-            Ok(Err(SendError::Failed(e))) => {
+            Ok(Err(SendError::Failed(e, _))) if e.is_client_body() => break Err(ProxyError::ClientBody(e.into())),
+            Ok(Err(SendError::Failed(e, head))) => {
                 backend.live.count_failure(e.failure());
                 passive_failure(runtime, pool, backend, "connection failed");
-                let Some(replay) = &replay else { break Err(ProxyError::Upstream(e)) };
+                let Some(again) = replay.as_ref().and_then(|r| r.request(head)) else {
+                    break Err(ProxyError::Upstream(e));
+                };
                 tracing::warn!(pool = %pool.name, backend = %backend.name, error = %e, "backend failed; retrying an idempotent request");
-                req = replay.request();
+                req = again;
                 ProxyError::Upstream(e)
             }
             Err(_elapsed) => {
@@ -454,20 +461,21 @@ fn failover(pool: &Pool, sel: &Selection, tried: &[usize]) -> Option<Selection> 
 /// again after a backend fails mid-request.
 const REPLAY_MAX_BODY: u64 = 64 * 1024;
 
-/// A copy of an idempotent request with an empty or buffered body, to send
-/// again on another backend once bytes may have reached the first.
+/// What is kept of an idempotent request with an empty or buffered body,
+/// to send it again on another backend once bytes may have reached the
+/// first: the body, and a copy of the head only where the backend's client
+/// will not hand it back after a failure (HTTP/2; tether's HTTP/1.1 client
+/// does, so a GET to HTTP/1.1 backends copies nothing).
 struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     body: Bytes,
+    head: Option<(Method, Uri, HeaderMap)>,
 }
 
 impl Replay {
-    /// Keeps a copy when the request may be retried (RFC 9110 idempotent
-    /// method, small or empty body, retries allowed). A POST never is. Fails
-    /// only when the client's body, read to be kept, breaks off: nothing
-    /// has reached a backend then.
+    /// Keeps the body when the request may be retried (RFC 9110 idempotent
+    /// method, small or empty body, retries allowed). A POST never is.
+    /// Fails only when the client's body, read to be kept, breaks off:
+    /// nothing has reached a backend then.
     async fn prepare(req: &mut Request<Body>, retries: usize) -> Result<Option<Replay>, ProxyError> {
         if retries == 0 || !req.method().is_idempotent() {
             return Ok(None);
@@ -488,16 +496,29 @@ impl Replay {
             *req.body_mut() = full_body(bytes.clone());
             bytes
         };
-        let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
-        Ok(Some(Replay { method, uri, headers, body }))
+        Ok(Some(Replay { body, head: None }))
     }
 
-    fn request(&self) -> Request<Body> {
-        let mut req = Request::new(full_body(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
+    /// Before a send that keeps the whole request: a copy of its head.
+    fn keep_head(&mut self, req: &Request<Body>) {
+        if self.head.is_none() {
+            self.head = Some((req.method().clone(), req.uri().clone(), req.headers().clone()));
+        }
+    }
+
+    /// The request again, from the head the failed send handed back or
+    /// else the copy.
+    fn request(&self, head: Option<Box<http::request::Parts>>) -> Option<Request<Body>> {
+        let body = full_body(self.body.clone());
+        if let Some(parts) = head {
+            return Some(Request::from_parts(*parts, body));
+        }
+        let (method, uri, headers) = self.head.as_ref()?;
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        Some(req)
     }
 }
 

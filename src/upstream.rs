@@ -35,8 +35,9 @@ const MAX_IDLE: usize = 512;
 pub enum SendError {
     /// Nothing reached the backend; the request is handed back.
     NotSent { request: Box<Request<Body>>, cause: ConnectError },
-    /// The request may have reached the backend.
-    Failed(UpstreamError),
+    /// The request may have reached the backend. Its head comes back when
+    /// the backend's client still has it (HTTP/1.1), for a retry.
+    Failed(UpstreamError, Option<Box<http::request::Parts>>),
 }
 
 /// A request that failed once it may have reached the backend.
@@ -196,7 +197,7 @@ impl Upstream {
                 Ok(resp) => return Ok(resp),
                 // Closed under us before a byte went out: try the next one.
                 Err(SendFailure::NotSent(req, _)) => request = *req,
-                Err(SendFailure::Failed(e)) => return Err(SendError::Failed(UpstreamError::H1(e))),
+                Err(SendFailure::Failed(e, head)) => return Err(SendError::Failed(UpstreamError::H1(e), head)),
             }
         }
         let connect = tokio::time::timeout(connect_timeout, transport.connect_io(self.addr));
@@ -207,7 +208,7 @@ impl Upstream {
         match Conn::new(io, transport.fingerprint).send(request).await {
             Ok(resp) => Ok(resp),
             Err(SendFailure::NotSent(request, e)) => Err(SendError::NotSent { request, cause: ConnectError::Io(e) }),
-            Err(SendFailure::Failed(e)) => Err(SendError::Failed(UpstreamError::H1(e))),
+            Err(SendFailure::Failed(e, head)) => Err(SendError::Failed(UpstreamError::H1(e), head)),
         }
     }
 
@@ -223,7 +224,7 @@ impl Upstream {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(req) => request = req, // closed before it was sent
-                    None => return Err(SendError::Failed(UpstreamError::H2(e.into_error()))),
+                    None => return Err(SendError::Failed(UpstreamError::H2(e.into_error()), None)),
                 },
             }
         }
@@ -308,6 +309,6 @@ fn not_sent_or_failed(mut e: hyper::client::conn::TrySendError<Request<Body>>) -
         Some(request) => {
             SendError::NotSent { request: Box::new(request), cause: ConnectError::Handshake(e.into_error()) }
         }
-        None => SendError::Failed(UpstreamError::H2(e.into_error())),
+        None => SendError::Failed(UpstreamError::H2(e.into_error()), None),
     }
 }

@@ -86,8 +86,9 @@ impl std::error::Error for Error {
 pub enum SendFailure {
     /// Not a byte was written: the request is handed back.
     NotSent(Box<Request<Body>>, io::Error),
-    /// The request may have reached the backend.
-    Failed(Error),
+    /// The request may have reached the backend. Its head comes back
+    /// (unless the client's body failed), for a retry elsewhere.
+    Failed(Error, Option<Box<http::request::Parts>>),
 }
 
 impl Conn {
@@ -132,7 +133,7 @@ impl Conn {
                     Ok(data) => taken = Some(Frame::data(data)),
                     Err(trailers) => taken = Some(trailers),
                 },
-                Poll::Ready(Some(Err(e))) => return Err(SendFailure::Failed(Error::ClientBody(e))),
+                Poll::Ready(Some(Err(e))) => return Err(SendFailure::Failed(Error::ClientBody(e), None)),
                 Poll::Ready(None) => body_done = true,
                 Poll::Pending => {}
             }
@@ -154,10 +155,17 @@ impl Conn {
                 };
                 return Err(SendFailure::NotSent(Box::new(Request::from_parts(parts, body)), e));
             }
-            Err((_, e)) => return Err(SendFailure::Failed(Error::Io(e))),
+            Err((_, e)) => return Err(SendFailure::Failed(Error::Io(e), Some(Box::new(parts)))),
         }
-        let complete = body_done || self.write_body(&mut body, taken, framing).await.map_err(SendFailure::Failed)?;
-        self.read_response(head_request, complete).await.map_err(SendFailure::Failed)
+        let complete = match body_done {
+            true => true,
+            false => match self.write_body(&mut body, taken, framing).await {
+                Ok(complete) => complete,
+                Err(e @ Error::ClientBody(_)) => return Err(SendFailure::Failed(e, None)),
+                Err(e) => return Err(SendFailure::Failed(e, Some(Box::new(parts)))),
+            },
+        };
+        self.read_response(head_request, complete).await.map_err(|e| SendFailure::Failed(e, Some(Box::new(parts))))
     }
 
     /// Writes the body's frames as they come, framed as the head said.
