@@ -26,6 +26,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 
 use crate::Runtime;
 use crate::h1::Framing;
@@ -164,8 +165,8 @@ async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request
 
 /// Waits for the client's next bytes holding no buffer, so an idle
 /// connection costs only its task; the buffer is allocated when the socket
-/// is readable (a readiness left from the last read is found stale by a
-/// read that would block, and the wait goes on).
+/// is readable (a readiness tokio still has from an earlier read is found
+/// stale by a read that would block, and the wait goes on).
 async fn next_bytes(
     tcp: &mut TcpStream,
     deadline: Instant,
@@ -179,27 +180,24 @@ async fn next_bytes(
             _ = stop.wait_for(Option::is_some) => return Err("listener stopping"),
         }
         let mut buf = BytesMut::with_capacity(READ_SIZE);
-        match tcp.try_read_buf(&mut buf) {
-            Ok(0) => return Err("closed by the client"),
-            Ok(_) => return Ok(buf),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err("socket error"),
+        match poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *tcp), cx, &mut buf))).await {
+            Poll::Ready(Ok(0)) => return Err("closed by the client"),
+            Poll::Ready(Ok(_)) => return Ok(buf),
+            Poll::Ready(Err(_)) => return Err("socket error"),
+            Poll::Pending => {}
         }
     }
 }
 
-/// Reads once into `buf`, waiting until `deadline` at most.
+/// Reads once into `buf`, waiting until `deadline` at most. Through
+/// `AsyncRead`, whose short reads tell tokio the socket is drained, so the
+/// next wait for a request costs no read that would block.
 async fn read_until(tcp: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
     buf.reserve(READ_SIZE);
-    loop {
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return done,
-        }
-        match tokio::time::timeout_at(deadline, tcp.readable()).await {
-            Ok(ready) => ready?,
-            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-        }
+    let read = poll_fn(|cx| poll_read_buf(Pin::new(&mut *tcp), cx, buf));
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(read) => read,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 
