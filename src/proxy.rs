@@ -32,7 +32,7 @@ use crate::upstream::{Body, ConnectError, SendError, UpstreamBody, UpstreamError
 const RETRY_AFTER_SECS: &str = "5";
 
 /// What a connection's requests share.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,

@@ -94,6 +94,7 @@ impl Connection<'_> {
                 (handler, spec.and_then(|l| l.tls.clone()), spec.is_some_and(|l| l.proxy_protocol))
             }
         };
+        let https = tls.is_some();
         let task = Task {
             runtime: self.runtime.clone(),
             builders: self.builders.clone(),
@@ -101,12 +102,10 @@ impl Connection<'_> {
             // the PROXY header or the TLS handshake) still waits for this.
             watcher: self.graceful.watcher(),
             stop: self.stop.clone(),
-            listener: self.name.clone(),
             handler,
             tls,
             proxy_protocol,
-            peer,
-            local,
+            info: ConnInfo::new(self.name.clone(), peer, local, https),
             started,
         };
         tokio::spawn(task.run(tcp, permit));
@@ -119,12 +118,11 @@ struct Task {
     builders: Arc<Builders>,
     watcher: Watcher,
     stop: watch::Receiver<Option<Duration>>,
-    listener: Arc<str>,
     handler: Handler,
     tls: Option<Arc<TlsSpec>>,
     proxy_protocol: bool,
-    peer: SocketAddr,
-    local: SocketAddr,
+    /// The peer is the PROXY header's source once that has been read.
+    info: ConnInfo,
     started: Instant,
 }
 
@@ -143,21 +141,21 @@ impl Task {
     }
 
     async fn run(mut self, mut tcp: TcpStream, permit: Permit) {
-        let mut peer = self.peer;
         let mut surplus = Vec::new();
         if self.proxy_protocol {
             // Boxed, like every stage an idle connection is not in: the
             // task's state machine is as big as its biggest await.
-            let Some(header) = Box::pin(self.proxy_header(&mut tcp)).await else { return };
-            (peer, surplus) = header;
+            let Some((source, rest)) = Box::pin(self.proxy_header(&mut tcp)).await else { return };
+            let info = &self.info;
+            self.info = ConnInfo::new(info.listener.clone(), source, info.local, info.https);
+            surplus = rest;
         }
-        let info = Arc::new(ConnInfo::new(self.listener.clone(), peer, self.local, self.tls.is_some()));
         if self.tls.is_none() && matches!(self.handler, Handler::Proxy) {
             // Plain HTTP/1.1 requests are served by tether's own fast path;
             // hyper takes over at the first one it cannot serve.
             let client = super::http1::Client {
                 runtime: &self.runtime,
-                info: &info,
+                info: &self.info,
                 limits: &self.builders.limits,
                 stop: &mut self.stop,
             };
@@ -170,7 +168,7 @@ impl Task {
                 }
             }
         }
-        Box::pin(self.serve_hyper(tcp, surplus, info, permit)).await;
+        Box::pin(self.serve_hyper(tcp, surplus, permit)).await;
     }
 
     /// The PROXY protocol header: the client's address it names (else the
@@ -179,21 +177,22 @@ impl Task {
         let deadline = self.started + self.builders.limits.header_read;
         let read = tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp));
         match self.before_stop(read).await? {
-            Ok(Ok((header, rest))) => Some((header.source.unwrap_or(self.peer), rest)),
+            Ok(Ok((header, rest))) => Some((header.source.unwrap_or(self.info.peer), rest)),
             Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "connection without a valid PROXY header refused");
+                tracing::debug!(peer = %self.info.peer, error = %e, "connection without a valid PROXY header refused");
                 None
             }
             Err(_) => {
-                tracing::debug!(peer = %self.peer, "no PROXY header within header_read; connection closed");
+                tracing::debug!(peer = %self.info.peer, "no PROXY header within header_read; connection closed");
                 None
             }
         }
     }
 
     /// TLS when configured, then hyper's HTTP/2 or HTTP/1.1 server.
-    async fn serve_hyper(self, tcp: TcpStream, surplus: Vec<u8>, info: Arc<ConnInfo>, permit: Permit) {
+    async fn serve_hyper(self, tcp: TcpStream, surplus: Vec<u8>, permit: Permit) {
         let limits = self.builders.limits;
+        let info = Arc::new(self.info.clone());
         let peer = info.peer;
         let head_deadline = self.started + limits.header_read;
         let mut io = Prefixed::new(tcp, surplus);
@@ -281,7 +280,7 @@ impl Task {
             return tokio::select! {
                 result = conn => Ok(result?),
                 () = shared.abort.notified() => {
-                    tracing::info!(peer = %self.peer, "HTTP/2 client reset too many streams; connection closed");
+                    tracing::info!(peer = %self.info.peer, "HTTP/2 client reset too many streams; connection closed");
                     Ok(())
                 }
             };

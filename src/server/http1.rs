@@ -13,7 +13,7 @@
 //! the connection is handed to hyper with the bytes read so far, and hyper
 //! (behind [`super::client_io::ClientIo`]) serves it to the end as before.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
@@ -172,13 +172,25 @@ async fn next_bytes(
     deadline: Instant,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Result<BytesMut, &'static str> {
+    // Polled by hand rather than with `select!` over `readable()`: the
+    // read readiness keeps its waker in the socket's registration, not in
+    // this future, which every idle connection carries.
+    let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut stopping = std::pin::pin!(stop.wait_for(Option::is_some));
     loop {
-        tokio::select! {
-            biased;
-            ready = tcp.readable() => if ready.is_err() { return Err("socket error") },
-            () = tokio::time::sleep_until(deadline) => return Err("timeout (client_idle, or header_read for the first request)"),
-            _ = stop.wait_for(Option::is_some) => return Err("listener stopping"),
-        }
+        poll_fn(|cx| {
+            if let Poll::Ready(ready) = tcp.poll_read_ready(cx) {
+                return Poll::Ready(ready.map_err(|_| "socket error"));
+            }
+            if timeout.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err("timeout (client_idle, or header_read for the first request)"));
+            }
+            if stopping.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err("listener stopping"));
+            }
+            Poll::Pending
+        })
+        .await?;
         let mut buf = BytesMut::with_capacity(READ_SIZE);
         match poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *tcp), cx, &mut buf))).await {
             Poll::Ready(Ok(0)) => return Err("closed by the client"),
