@@ -30,7 +30,9 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// `fallback`, `reassigned` (its session lived on another backend) or `balanced`.
 pub const TETHER_AFFINITY: HeaderName = HeaderName::from_static("tether-affinity");
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+// A `static`, not a `const`: a const array would be built and dropped at
+// every use.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -103,6 +105,19 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes one cookie from the `Cookie` headers, keeping all others.
 /// Allocates only when the cookie is present.
 pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    // The usual cases first: no `Cookie`, or one line with one cookie.
+    let mut lines = headers.get_all(header::COOKIE).iter();
+    match (lines.next().map(|v| v.as_bytes()), lines.next()) {
+        (None, _) => return,
+        (Some(line), None) if !line.contains(&b';') => {
+            let ours = line.split(|&b| b == b'=').next().is_some_and(|n| n.trim_ascii() == name.as_bytes());
+            if ours && line.contains(&b'=') {
+                headers.remove(header::COOKIE);
+            }
+            return;
+        }
+        _ => {}
+    }
     let present = crate::select::cookie_values(headers, name).next().is_some();
     if !present {
         return;
@@ -410,6 +425,14 @@ mod tests {
         only.insert("cookie", HeaderValue::from_static("tether=x"));
         remove_cookie(&mut only, "tether");
         assert!(only.get("cookie").is_none());
+        let mut other = HeaderMap::new();
+        other.insert("cookie", HeaderValue::from_static("tetherx=1"));
+        remove_cookie(&mut other, "tether");
+        assert_eq!(other.get("cookie").unwrap(), "tetherx=1");
+        let mut bare = HeaderMap::new();
+        bare.insert("cookie", HeaderValue::from_static("tether"));
+        remove_cookie(&mut bare, "tether");
+        assert_eq!(bare.get("cookie").unwrap(), "tether", "a name without a value is no cookie of ours");
     }
 
     #[test]

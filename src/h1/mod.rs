@@ -63,6 +63,13 @@ pub struct InvalidLength;
 
 /// The `Content-Length` of a head: `Ok(None)` when absent.
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength> {
+    let mut values = headers.get_all(CONTENT_LENGTH).into_iter();
+    let Some(first) = values.next() else { return Ok(None) };
+    // The usual case: one line of digits.
+    let digits = first.as_bytes();
+    if values.next().is_none() && !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit) {
+        return Ok(Some(digits.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0'))));
+    }
     let mut found = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.to_str().map_err(|_| InvalidLength)?.split(',') {

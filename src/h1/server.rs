@@ -168,15 +168,25 @@ pub fn encode_response_head(
     let framing = if no_body {
         Framing::Length(0)
     } else {
-        match (super::content_length(headers), size) {
-            (Ok(Some(n)), _) => Framing::Length(n),
-            (_, Some(n)) => {
+        // An exact size is the response's own length when it has one (a
+        // backend's body is delimited by it): no need to parse it again.
+        let declared = headers.contains_key(http::header::CONTENT_LENGTH);
+        match (size, declared) {
+            (Some(n), true) => Framing::Length(n),
+            (None, true) => match super::content_length(headers) {
+                Ok(Some(n)) => Framing::Length(n),
+                _ => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    Framing::Chunked
+                }
+            },
+            (Some(n), false) => {
                 out.extend_from_slice(b"content-length: ");
                 out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                 out.extend_from_slice(b"\r\n");
                 Framing::Length(n)
             }
-            _ => {
+            (None, false) => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 Framing::Chunked
             }
