@@ -47,6 +47,15 @@ async fn a_head_over_max_header_bytes_gets_431_and_one_within_is_served() {
 }
 
 #[tokio::test]
+async fn a_head_over_the_limit_that_arrives_in_one_read_gets_431() {
+    let (backend, lb) = echo_tether("[limits]\nmax_header_bytes = 1024\n").await;
+    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "b".repeat(2000));
+    let got = raw::exchange(lb.addr(), big.as_bytes()).await;
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), vec![431]);
+    assert_eq!(backend.hits(), 0);
+}
+
+#[tokio::test]
 async fn the_default_head_limit_is_64_kib() {
     let (_backend, lb) = echo_tether("").await;
     let fits = client().get(lb.url("/")).header("x-big", "b".repeat(60 * 1024));

@@ -37,24 +37,37 @@ pub struct Facts {
     pub head: bool,
 }
 
+/// What a request tether takes itself may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// The whole head, request line included (`max_header_bytes`).
+    pub head: usize,
+    /// The request target (`max_uri_bytes`).
+    pub uri: usize,
+    pub body: u64,
+}
+
 /// Takes a request head off the front of `buf` if it is complete and plain:
 /// HTTP/1.1, not `CONNECT`, no `Upgrade`, `Expect` or `Transfer-Encoding`,
-/// at most one valid `Content-Length` up to `max_body`, a URI of at most
-/// `max_uri` bytes. Header values share the head's bytes.
-pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
+/// at most one valid `Content-Length`, and within `bounds` (beyond them
+/// hyper answers 431, 414, or streams the body). Header values share the
+/// head's bytes.
+pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
     let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, method, target, count, facts) = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let len = match req.parse_with_uninit_headers(buf, &mut fields) {
-            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Complete(len)) if len <= bounds.head => len,
+            Ok(httparse::Status::Complete(_)) => return Head::HandOff,
+            Ok(httparse::Status::Partial) if buf.len() >= bounds.head => return Head::HandOff,
             Ok(httparse::Status::Partial) => return Head::Partial,
             Err(_) => return Head::HandOff,
         };
         let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
             return Head::HandOff;
         };
-        if path.len() > max_uri || method == "CONNECT" {
+        if path.len() > bounds.uri || method == "CONNECT" {
             return Head::HandOff;
         }
         let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Head::HandOff };
@@ -67,7 +80,7 @@ pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
             if name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
                 match parse_length(h.value) {
-                    Some(n) if lengths == 1 && n <= max_body => facts.body_len = n,
+                    Some(n) if lengths == 1 && n <= bounds.body => facts.body_len = n,
                     _ => return Head::HandOff,
                 }
             } else if name.eq_ignore_ascii_case("connection") {
@@ -121,10 +134,10 @@ pub fn take_request(buf: &mut BytesMut, max_uri: usize, max_body: u64) -> Head {
     Head::Request(Box::new(req), facts)
 }
 
-/// A `Content-Length` value: digits only.
+/// A `Content-Length` value: 1 to 18 digits, as the head scanner allows.
 fn parse_length(value: &[u8]) -> Option<u64> {
     let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
     value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
@@ -202,7 +215,7 @@ mod tests {
 
     fn take(text: &str) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(text.as_bytes());
-        let head = take_request(&mut buf, 8192, 1 << 20);
+        let head = take_request(&mut buf, Bounds { head: 16 * 1024, uri: 8192, body: 1 << 20 });
         (head, buf)
     }
 
@@ -246,6 +259,9 @@ mod tests {
         }
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
         assert!(matches!(take(&long).0, Head::HandOff));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "b".repeat(17 * 1024));
+        assert!(matches!(take(&big).0, Head::HandOff), "complete but over the head limit");
+        assert!(matches!(take(&big[..big.len() - 2]).0, Head::HandOff), "incomplete and over it");
         assert!(matches!(take("GET / HTTP/1.1\r\nHost: x\r\n").0, Head::Partial));
     }
 

@@ -30,7 +30,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::Runtime;
 use crate::h1::Framing;
-use crate::h1::server::{Head, encode_response_head, may_be_h2_preface, take_request};
+use crate::h1::server::{Bounds, Head, encode_response_head, may_be_h2_preface, take_request};
 use crate::proxy::{ConnInfo, plain_response};
 use crate::snapshot::ClientLimits;
 use crate::upstream::Body;
@@ -112,10 +112,10 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
         if first && !buf.is_empty() && may_be_h2_preface(buf) {
             return Next::HandOff;
         }
-        match take_request(buf, c.limits.max_uri_bytes, MAX_BUFFERED_BODY) {
+        let bounds = Bounds { head: c.limits.max_header_bytes, uri: c.limits.max_uri_bytes, body: MAX_BUFFERED_BODY };
+        match take_request(buf, bounds) {
             Head::Request(req, facts) => break (req, facts),
             Head::HandOff => return Next::HandOff,
-            Head::Partial if buf.len() >= c.limits.max_header_bytes => return Next::HandOff,
             Head::Partial => {}
         }
         match read_until(tcp, buf, since + c.limits.header_read).await {
