@@ -154,6 +154,20 @@ async fn a_stalled_request_body_gets_408_and_the_connection_is_closed() {
     assert_eq!(got[0].header("connection"), Some("close"));
 }
 
+#[tokio::test]
+async fn a_client_that_leaves_before_its_response_frees_the_backend_at_once() {
+    let backend = Backend::hung("hung").await;
+    // Far longer than the test waits: only the client's leaving can end it.
+    let extra = "[pools.app.timeouts]\nresponse = \"120s\"\n";
+    let lb = Tether::start(&config().listener(Some("app")).cookie_pool("app", &[&backend]).raw(extra).build()).await;
+    let live = lb.runtime().snapshot().pools[0].backends[0].live.clone();
+    let mut tcp = raw::connect(lb.addr()).await;
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    wait_for("the request to reach the backend", || async { live.in_flight() == 1 }).await;
+    drop(tcp);
+    wait_for("the abandoned request to end", || async { live.in_flight() == 0 }).await;
+}
+
 /// A `METHOD` whose body stalls after 10 of 100 bytes, in front of a backend
 /// that one failure would eject: the client gets 408, and once the request
 /// has ended the backend must still be up.

@@ -23,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full};
+use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -141,7 +142,11 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
     }
     let body = if body_len == 0 { empty_body() } else { full_body(buf.split_to(body_len).freeze()) };
     let req = req.map(|()| body);
-    let resp = crate::proxy::respond(c.runtime, c.info, req, None).await;
+    let respond = crate::proxy::respond(c.runtime, c.info, req, None);
+    let Some(resp) = unless_client_leaves(tcp, buf.is_empty(), respond).await else {
+        tracing::debug!(%peer, "client closed its connection before the response; request abandoned");
+        return Next::Close;
+    };
     let close = facts.close || c.stop.borrow().is_some();
     match write_response(tcp, resp, facts.head, close, c.limits.client_idle).await {
         Ok(()) if !close => Next::Request,
@@ -151,6 +156,31 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
             Next::Close
         }
     }
+}
+
+/// `fut`, unless the client closes or resets its connection first: then
+/// the request is dropped (its backend connection closed, its place in
+/// flight given back) rather than served to nobody. Watched only while no
+/// further request is already buffered, and until the client sends more
+/// (a pipelined request: the connection's next turn reads it).
+async fn unless_client_leaves<F: Future>(tcp: &TcpStream, watch: bool, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut watch = watch;
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if watch {
+            let mut byte = [0u8; 1];
+            match tcp.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => watch = false,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// 408 with `Connection: close`, as hyper's path answers a stalled body;
