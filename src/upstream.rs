@@ -277,7 +277,8 @@ impl Upstream {
     }
 
     /// Returns a connection whose response was read completely.
-    pub fn put_back(&self, conn: Box<Conn>) {
+    pub fn put_back(&self, mut conn: Box<Conn>) {
+        conn.shrink();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));

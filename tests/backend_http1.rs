@@ -743,6 +743,26 @@ async fn a_backend_that_refuses_an_upload_before_reading_it_gets_its_answer_to_t
     assert_eq!(backend.connections(), 1);
 }
 
+#[tokio::test]
+async fn a_backend_that_answers_while_the_clients_body_is_paused_gets_its_answer_through() {
+    let backend = Scripted::start(|_| {
+        vec![
+            send(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large"),
+            Step::Hold,
+        ]
+    })
+    .await;
+    let lb = tether_in_front_of(backend.addr).await;
+    // Larger than tether buffers, so the body streams; then the client
+    // pauses (well within request_body) with most of it unsent.
+    let mut tcp = raw::connect(lb.addr()).await;
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789").await.unwrap();
+    let resp = tokio::time::timeout(WAIT_TIMEOUT, raw::read_response(&mut tcp))
+        .await
+        .expect("the backend's answer arrives while the client's body is paused");
+    assert_eq!((resp.status, resp.body.as_str()), (413, "too large"));
+}
+
 // ---------------------------------------------------------------------------
 // Trickled responses
 // ---------------------------------------------------------------------------

@@ -96,6 +96,18 @@ impl Conn {
         Box::new(Conn { io, buf: BytesMut::new(), out: Vec::new(), fingerprint })
     }
 
+    /// Lets go of buffers a large head or body grew past their usual size,
+    /// so a connection waiting in the pool stays small.
+    pub fn shrink(&mut self) {
+        const KEEP: usize = 16 * 1024;
+        if self.buf.is_empty() && self.buf.capacity() > KEEP {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > KEEP {
+            self.out = Vec::new();
+        }
+    }
+
     /// Whether an idle connection may carry another request: the backend
     /// has neither closed it (a read would give the end of the stream) nor
     /// sent anything unasked. Never waits.
@@ -182,14 +194,15 @@ impl Conn {
             loop {
                 let frame = match next.take() {
                     Some(f) => f,
-                    None => match poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-                        Some(Ok(f)) => f,
-                        Some(Err(e)) => return Err(Error::ClientBody(e)),
-                        None => {
+                    None => match self.next_frame(body).await? {
+                        Some(Some(f)) => f,
+                        Some(None) => {
                             out.clear();
                             framing.encode_end(None, &mut out);
                             return self.write_watching(&out).await;
                         }
+                        // Answered before the body was all sent.
+                        None => return Ok(false),
                     },
                 };
                 out.clear();
@@ -206,13 +219,10 @@ impl Conn {
                         self.write_watching(&out).await?
                     }
                     Ok(data) => self.write_watching(&data).await?,
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => {
-                            framing.encode_end(Some(&trailers), &mut out);
-                            return self.write_watching(&out).await;
-                        }
-                        Err(_) => true,
-                    },
+                    // A client's request trailers are not passed on to an
+                    // HTTP/1.1 backend: fields there may be merged with the
+                    // head, and nothing checks them as the head is checked.
+                    Err(_) => true,
                 };
                 if !sent {
                     return Ok(false);
@@ -239,20 +249,23 @@ impl Conn {
                     // response is read next.
                     Poll::Ready(Err(_)) => return Poll::Ready(Ok(false)),
                     // Blocked: is the backend saying something?
-                    Poll::Pending => loop {
-                        match poll_read_more(&mut **io, buf, cx) {
-                            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
-                            Poll::Ready(Ok(_)) if answered(buf) || buf.len() > MAX_HEAD_BYTES => {
-                                return Poll::Ready(Ok(false));
-                            }
-                            Poll::Ready(Ok(_)) => {}
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    },
+                    Poll::Pending => return poll_answer(&mut **io, buf, cx).map_ok(|()| false),
                 }
             }
             Poll::Ready(Ok(true))
+        })
+        .await
+    }
+
+    /// The client's next body frame, unless the backend answers (or
+    /// closes) while the client's body keeps it waiting: `Ok(None)` then.
+    async fn next_frame(&mut self, body: &mut Body) -> Result<Option<Option<Frame<Bytes>>>, Error> {
+        let Conn { io, buf, .. } = self;
+        poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Ok(Some(Some(frame)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(Error::ClientBody(e))),
+            Poll::Ready(None) => Poll::Ready(Ok(Some(None))),
+            Poll::Pending => poll_answer(&mut **io, buf, cx).map_ok(|()| None),
         })
         .await
     }
@@ -334,6 +347,21 @@ fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Ver
     *resp.version_mut() = version;
     *resp.headers_mut() = map;
     Ok(Some((resp, status, version)))
+}
+
+/// Ready once the backend has answered (a final head after any interim
+/// ones, or bytes that cannot be one) or closed; reads what it sends
+/// meanwhile into `buf`, where the response is parsed from next.
+fn poll_answer(io: &mut dyn Io, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    loop {
+        match poll_read_more(io, buf, cx) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) if answered(buf) || buf.len() > MAX_HEAD_BYTES => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
 }
 
 /// Whether `buf` holds the backend's answer: a complete final response
