@@ -192,3 +192,17 @@ async fn smuggling_probes_over_tls_are_refused_too() {
     }
     assert_eq!(backend.hits(), 0);
 }
+
+#[tokio::test]
+async fn the_http2_preface_after_http11_requests_is_no_protocol_switch() {
+    let (backend, lb) = echo_tether().await;
+    let mut tcp = raw::connect(lb.addr()).await;
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let bytes = raw::read_to_close(&mut tcp).await;
+    let got = raw::responses(&bytes);
+    assert_eq!(got.first().map(|r| r.status), Some(200), "{got:?}");
+    // HTTP/2 frames start with a length whose first bytes are zero; an
+    // HTTP/1.1 answer (or none) has no NUL.
+    assert!(!bytes.contains(&0), "the connection switched to HTTP/2 mid-way: {bytes:?}");
+    assert_eq!(backend.hits(), 1);
+}

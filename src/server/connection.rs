@@ -142,6 +142,7 @@ impl Task {
 
     async fn run(mut self, mut tcp: TcpStream, permit: Permit) {
         let mut surplus = Vec::new();
+        let mut http1_only = false;
         if self.proxy_protocol {
             // Boxed, like every stage an idle connection is not in: the
             // task's state machine is as big as its biggest await.
@@ -161,14 +162,15 @@ impl Task {
             };
             match super::http1::serve(client, &mut tcp, surplus, self.started).await {
                 super::http1::End::Closed => return,
-                super::http1::End::HandOff { read, since } => {
+                super::http1::End::HandOff { read, since, served } => {
                     surplus = read;
                     // hyper's timeouts count from the head it starts with.
                     self.started = since;
+                    http1_only = served;
                 }
             }
         }
-        Box::pin(self.serve_hyper(tcp, surplus, permit)).await;
+        Box::pin(self.serve_hyper(tcp, surplus, http1_only, permit)).await;
     }
 
     /// The PROXY protocol header: the client's address it names (else the
@@ -190,7 +192,9 @@ impl Task {
     }
 
     /// TLS when configured, then hyper's HTTP/2 or HTTP/1.1 server.
-    async fn serve_hyper(self, tcp: TcpStream, surplus: Vec<u8>, permit: Permit) {
+    /// `http1_only`: requests were served on the connection already, so it
+    /// is not sniffed for the HTTP/2 preface.
+    async fn serve_hyper(self, tcp: TcpStream, surplus: Vec<u8>, http1_only: bool, permit: Permit) {
         let limits = self.builders.limits;
         let info = Arc::new(self.info.clone());
         let peer = info.peer;
@@ -228,6 +232,7 @@ impl Task {
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 Box::pin(self.serve_http(stream, h2, shared, svc, permit)).await
             }
+            None if http1_only => Box::pin(self.serve_http(io, false, shared, svc, permit)).await,
             None => {
                 let sniff = tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface());
                 let Some(sniff) = self.before_stop(sniff).await else { return };

@@ -47,11 +47,13 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// How the fast path ended.
 pub(super) enum End {
     Closed,
-    /// hyper serves the rest: the bytes read and not consumed, and since
-    /// when the head they begin with has been awaited.
+    /// hyper serves the rest: the bytes read and not consumed, since when
+    /// the head they begin with has been awaited, and whether requests were
+    /// served before it (then it is HTTP/1.1, never the HTTP/2 preface).
     HandOff {
         read: Vec<u8>,
         since: Instant,
+        served: bool,
     },
 }
 
@@ -91,7 +93,7 @@ pub(super) async fn serve(mut c: Client<'_>, tcp: &mut TcpStream, read: Vec<u8>,
         match Box::pin(serve_one(&mut c, tcp, &mut buf, first, since)).await {
             Next::Request => first = false,
             Next::Close => return End::Closed,
-            Next::HandOff => return End::HandOff { read: buf.to_vec(), since },
+            Next::HandOff => return End::HandOff { read: buf.to_vec(), since, served: !first },
         }
     }
 }
