@@ -16,7 +16,7 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -144,8 +144,16 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
     }
     let body = if body_len == 0 { empty_body() } else { full_body(buf.split_to(body_len).freeze()) };
     let req = req.map(|()| body);
-    let respond = crate::proxy::respond(c.runtime, c.info, req, None);
-    let Some(resp) = unless_client_leaves(tcp, buf.is_empty(), respond).await else {
+    // Pinned here and polled through a closure: passed by value to another
+    // async fn, the request's future would be stored twice over in this one,
+    // which is moved into a box for every request.
+    let mut respond = std::pin::pin!(crate::proxy::respond(c.runtime, c.info, req, None));
+    let mut watch = buf.is_empty();
+    let answer = poll_fn(|cx| match respond.as_mut().poll(cx) {
+        Poll::Ready(resp) => Poll::Ready(Some(resp)),
+        Poll::Pending => client_left(tcp, &mut watch, cx),
+    });
+    let Some(resp) = answer.await else {
         tracing::debug!(%peer, "client closed its connection before the response; request abandoned");
         return Next::Close;
     };
@@ -160,29 +168,22 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
     }
 }
 
-/// `fut`, unless the client closes or resets its connection first: then
-/// the request is dropped (its backend connection closed, its place in
-/// flight given back) rather than served to nobody. Watched only while no
-/// further request is already buffered, and until the client sends more
-/// (a pipelined request: the connection's next turn reads it).
-async fn unless_client_leaves<F: Future>(tcp: &TcpStream, watch: bool, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let mut watch = watch;
-    poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
+/// While a request is answered: ready (with `None`) when the client closes
+/// or resets its connection, so the request is dropped (its backend
+/// connection closed, its place in flight given back) rather than served
+/// to nobody. Watched only while no further request is already buffered,
+/// and until the client sends more (a pipelined request, which the
+/// connection reads next).
+fn client_left<T>(tcp: &TcpStream, watch: &mut bool, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    if *watch {
+        let mut byte = [0u8; 1];
+        match tcp.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+            Poll::Ready(Ok(_)) => *watch = false,
+            Poll::Pending => {}
         }
-        if watch {
-            let mut byte = [0u8; 1];
-            match tcp.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => watch = false,
-                Poll::Pending => {}
-            }
-        }
-        Poll::Pending
-    })
-    .await
+    }
+    Poll::Pending
 }
 
 /// 408 with `Connection: close`, as hyper's path answers a stalled body;
