@@ -718,17 +718,22 @@ async fn a_chunked_request_body_from_the_client_reaches_the_backend_whole() {
     assert_eq!(bulk.hits(), 1);
 }
 
-#[tokio::test]
-async fn a_backend_that_refuses_an_upload_before_reading_it_gets_its_answer_to_the_client() {
-    // Answers as soon as it has the head, and never reads the body: more
-    // than the socket buffers between tether and the backend can hold.
-    let backend = Scripted::start(|_| {
+/// A backend that answers 413 as soon as it has a head, and never reads
+/// the body.
+async fn refuses_uploads() -> Scripted {
+    Scripted::start(|_| {
         vec![
             send(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large"),
             Step::Hold,
         ]
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_that_refuses_an_upload_before_reading_it_gets_its_answer_to_the_client() {
+    // More than the socket buffers between tether and the backend can hold.
+    let backend = refuses_uploads().await;
     let lb = tether_in_front_of(backend.addr).await;
     let upload = reqwest::Body::wrap(PatternBody::new(32 * 1024 * 1024).sized(true));
     let resp = client_without_cookies().post(lb.url("/upload")).body(upload).send().await;
@@ -745,13 +750,7 @@ async fn a_backend_that_refuses_an_upload_before_reading_it_gets_its_answer_to_t
 
 #[tokio::test]
 async fn a_backend_that_answers_while_the_clients_body_is_paused_gets_its_answer_through() {
-    let backend = Scripted::start(|_| {
-        vec![
-            send(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large"),
-            Step::Hold,
-        ]
-    })
-    .await;
+    let backend = refuses_uploads().await;
     let lb = tether_in_front_of(backend.addr).await;
     // Larger than tether buffers, so the body streams; then the client
     // pauses (well within request_body) with most of it unsent.

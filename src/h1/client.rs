@@ -423,12 +423,7 @@ fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap, body: &Bod
     out.push(b' ');
     out.extend_from_slice(uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    super::write_fields(headers, out);
     let framing = match super::content_length(headers) {
         Ok(Some(n)) => Framing::Length(n),
         _ if body.is_end_stream() => Framing::Length(0),

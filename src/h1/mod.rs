@@ -47,12 +47,19 @@ impl Framing {
             return;
         }
         out.extend_from_slice(b"0\r\n");
-        for (name, value) in trailers.into_iter().flatten() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        if let Some(trailers) = trailers {
+            write_fields(trailers, out);
         }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends `name: value` lines, one per field.
+pub fn write_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
 }
