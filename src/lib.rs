@@ -11,6 +11,8 @@
 //! - [`transport`], [`upstream`], [`forward`], [`proxy`]: the request path
 //!   (TLS and HTTP/2 to backends included); [`forwarded_for`] and [`cidr`]:
 //!   whose `X-Forwarded-For` is believed.
+//! - [`h1`]: tether's own HTTP/1.1: the backend client and the fast path's
+//!   request and response heads.
 //! - [`tunnel`]: upgraded connections (WebSocket), copied both ways.
 //! - [`server`]: listeners, connections, client limits and timeouts,
 //!   request-smuggling checks, PROXY protocol, graceful shutdown; [`tls`]:
@@ -21,10 +23,13 @@
 //!
 //! # One request
 //! `server` accepts, terminates TLS where configured (ALPN picks h2 or
-//! HTTP/1.1), and serves the connection with hyper; `proxy::handle`
-//! loads the snapshot once, routes, selects (cookie → hash → policy),
-//! rewrites headers, sends through the backend's pool (failing over when a
-//! connection cannot be made), and adds the affinity cookie to the response.
+//! HTTP/1.1), and serves the connection: plain HTTP/1.1 requests on plain
+//! listeners with tether's own fast path, everything else with hyper (the
+//! fast path hands a connection over at the first request it does not
+//! take); `proxy::respond` loads the snapshot once, routes, selects (cookie
+//! → hash → policy), rewrites headers, sends through the backend's pool
+//! (failing over when a connection cannot be made), and adds the affinity
+//! cookie to the response.
 
 pub mod access_log;
 pub mod admin;
