@@ -224,9 +224,47 @@ fn head_scan(c: &mut Criterion) {
     group.finish();
 }
 
+/// A backend's response head as nginx sends it, with a 10-byte body.
+const WIRE_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
+Date: Thu, 03 Dec 2026 12:00:00 GMT\r\nContent-Type: text/plain\r\n\
+Content-Length: 10\r\nConnection: keep-alive\r\n\r\nbackend 1\n";
+
+/// The fast path's own parsing: a client's request head into an
+/// `http::Request`, a backend's response head into an `http::Response`
+/// (header values sharing the read buffer), each from a fresh buffer.
+fn h1_heads(c: &mut Criterion) {
+    use bytes::BytesMut;
+    use tether::h1::server::{Bounds, Head, take_request};
+    let mut group = c.benchmark_group("h1_heads");
+    group.bench_function("take_request_browser_head", |b| {
+        let bounds = Bounds { head: 64 * 1024, uri: 8 * 1024, body: 64 * 1024 };
+        b.iter_batched(
+            || BytesMut::from(WIRE_HEAD),
+            |mut buf| {
+                let head = take_request(&mut buf, bounds);
+                assert!(matches!(head, Head::Request(..)));
+                head
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("take_head_backend_response", |b| {
+        b.iter_batched(
+            || BytesMut::from(WIRE_RESPONSE),
+            |mut buf| {
+                let head = tether::h1::client::take_head(&mut buf);
+                assert!(matches!(head, Ok(Some(_))));
+                head
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = common::criterion(3, 30);
-    targets = request_path, head_scan
+    targets = request_path, head_scan, h1_heads
 }
 criterion_main!(benches);

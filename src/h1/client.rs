@@ -305,8 +305,8 @@ impl Conn {
 }
 
 /// Takes a complete response head off the front of `buf`, if there is one.
-/// Header values share the head's bytes (no copy).
-fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Version)>, Error> {
+/// Header values share the head's bytes (no copy). Public for the benches.
+pub fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Version)>, Error> {
     if buf.is_empty() {
         return Ok(None);
     }
