@@ -83,23 +83,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// upgrade` and `Upgrade`, e.g. `websocket`), if tether may tunnel it.
 /// `h2c` is refused: it would be an upgrade of tether's own hop.
 pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 || !connection_has(req.headers(), "upgrade") {
+    if req.version() != Version::HTTP_11 || !crate::h1::connection_has(req.headers(), "upgrade") {
         return None;
     }
     let upgrade = req.headers().get(header::UPGRADE)?;
     let text = upgrade.to_str().ok()?;
     let h2c = text.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"));
     (!text.trim().is_empty() && !h2c).then(|| upgrade.clone())
-}
-
-/// Whether a `Connection` header lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Removes one cookie from the `Cookie` headers, keeping all others.

@@ -73,9 +73,10 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength>
     let mut values = headers.get_all(CONTENT_LENGTH).into_iter();
     let Some(first) = values.next() else { return Ok(None) };
     // The usual case: one line of digits.
-    let digits = first.as_bytes();
-    if values.next().is_none() && !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit) {
-        return Ok(Some(digits.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0'))));
+    if values.next().is_none()
+        && let Some(n) = parse_length(first.as_bytes())
+    {
+        return Ok(Some(n));
     }
     let mut found = None;
     for value in headers.get_all(CONTENT_LENGTH) {
@@ -92,6 +93,16 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength>
         }
     }
     Ok(found)
+}
+
+/// A `Content-Length` value: 1 to 18 digits (as the head scanner allows),
+/// surrounding white space ignored.
+pub fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Whether a `Connection` header lists `token`.

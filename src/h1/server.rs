@@ -79,7 +79,7 @@ pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
-                match parse_length(h.value) {
+                match super::parse_length(h.value) {
                     Some(n) if lengths == 1 && n <= bounds.body => facts.body_len = n,
                     _ => return Head::HandOff,
                 }
@@ -132,15 +132,6 @@ pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     Head::Request(Box::new(req), facts)
-}
-
-/// A `Content-Length` value: 1 to 18 digits, as the head scanner allows.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// Whether `bytes` may be the start of the HTTP/2 client preface.
