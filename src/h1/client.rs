@@ -15,11 +15,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::ReadBuf;
 
-use super::{Framing, chunked};
+use super::{FieldAt, Framing, chunked, header_map};
 use crate::transport::{Body, BoxError, Io};
 
 /// Header fields a response head may have.
@@ -279,12 +279,13 @@ impl Conn {
         complete: bool,
     ) -> Result<Response<ResponseBody>, Error> {
         loop {
-            if let Some((mut resp, status, version)) = take_head(&mut self.buf)? {
+            if let Some(mut resp) = take_head(&mut self.buf)? {
+                let status = resp.status();
                 if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                     continue;
                 }
                 let framing = response_framing(status, head_request, resp.headers_mut())?;
-                let keep_alive = complete && keeps_alive(version, resp.headers());
+                let keep_alive = complete && keeps_alive(resp.version(), resp.headers());
                 let body = ResponseBody::new(self, framing, keep_alive);
                 return Ok(resp.map(|()| body));
             }
@@ -306,13 +307,11 @@ impl Conn {
 
 /// Takes a complete response head off the front of `buf`, if there is one.
 /// Header values share the head's bytes (no copy). Public for the benches.
-pub fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode, Version)>, Error> {
+pub fn take_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
     if buf.is_empty() {
         return Ok(None);
     }
-    // Offsets of each field into the head: name start and length, value
-    // start and length.
-    let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut offsets = [FieldAt::default(); MAX_HEADERS];
     let (len, status, version, count) = {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut fields);
@@ -324,29 +323,19 @@ pub fn take_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, StatusCode,
         };
         let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("status"))?;
         let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        let base = buf.as_ptr() as usize;
-        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
         for (slot, h) in offsets.iter_mut().zip(resp.headers.iter()) {
-            *slot = (at(h.name.as_bytes()), h.name.len() as u32, at(h.value), h.value.len() as u32);
+            *slot = FieldAt::of(buf, h.name.as_bytes(), h.value);
         }
         (len, status, version, resp.headers.len())
     };
     let head = buf.split_to(len).freeze();
     // Room for `Set-Cookie` and `Cache-Control`, which tether may add.
-    let mut map = HeaderMap::with_capacity(count + 2);
-    for &(name, name_len, value, value_len) in &offsets[..count] {
-        let (name, value) = (name as usize, value as usize);
-        let name =
-            HeaderName::from_bytes(&head[name..name + name_len as usize]).map_err(|_| Error::Invalid("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize))
-            .map_err(|_| Error::Invalid("header value"))?;
-        map.append(name, value);
-    }
+    let headers = header_map(&head, &offsets[..count], 2).ok_or(Error::Invalid("header field"))?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
-    *resp.headers_mut() = map;
-    Ok(Some((resp, status, version)))
+    *resp.headers_mut() = headers;
+    Ok(Some(resp))
 }
 
 /// Ready once the backend has answered (a final head after any interim
@@ -505,8 +494,8 @@ fn poll_read_more(io: &mut dyn Io, buf: &mut BytesMut, cx: &mut Context<'_>) -> 
 /// back once the body has ended, if the backend keeps it open.
 pub struct ResponseBody {
     conn: Option<Box<Conn>>,
-    framing: Framing,
     state: State,
+    /// The connection may carry another request once the body has ended.
     keep_alive: bool,
 }
 
@@ -526,13 +515,15 @@ impl ResponseBody {
             Framing::Chunked => State::Chunks(chunked::Decoder::default()),
             Framing::UntilClose => State::UntilClose,
         };
-        ResponseBody { conn: Some(conn), framing, state, keep_alive }
+        // A body delimited by the close ends with its connection.
+        let keep_alive = keep_alive && framing != Framing::UntilClose;
+        ResponseBody { conn: Some(conn), state, keep_alive }
     }
 
     /// The connection, once the body has ended and the backend keeps it
     /// open with nothing more in it.
     pub fn take_connection(&mut self) -> Option<Box<Conn>> {
-        if !matches!(self.state, State::Done) || !self.keep_alive || matches!(self.framing, Framing::UntilClose) {
+        if !matches!(self.state, State::Done) || !self.keep_alive {
             return None;
         }
         self.conn.take()
@@ -620,6 +611,9 @@ impl HttpBody for ResponseBody {
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").field("framing", &self.framing).field("done", &self.is_end_stream()).finish()
+        f.debug_struct("ResponseBody")
+            .field("done", &self.is_end_stream())
+            .field("keep_alive", &self.keep_alive)
+            .finish()
     }
 }

@@ -54,6 +54,33 @@ impl Framing {
     }
 }
 
+/// Where one parsed field lies in the buffer it was parsed from: name
+/// start and length, value start and length.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct FieldAt(u32, u32, u32, u32);
+
+impl FieldAt {
+    /// The field's place in `buf`, whose bytes httparse's slices point into.
+    pub(crate) fn of(buf: &[u8], name: &[u8], value: &[u8]) -> FieldAt {
+        let at = |s: &[u8]| (s.as_ptr() as usize - buf.as_ptr() as usize) as u32;
+        FieldAt(at(name), name.len() as u32, at(value), value.len() as u32)
+    }
+}
+
+/// The header map of a head split off the read buffer, its values sharing
+/// `head`'s bytes, with room for `spare` more fields. `None` when `http`
+/// refuses a name or value httparse accepted.
+pub(crate) fn header_map(head: &Bytes, fields: &[FieldAt], spare: usize) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(fields.len() + spare);
+    for &FieldAt(name, name_len, value, value_len) in fields {
+        let (name, value) = (name as usize, value as usize);
+        let name = http::HeaderName::from_bytes(&head[name..name + name_len as usize]).ok()?;
+        let value = http::HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize)).ok()?;
+        map.append(name, value);
+    }
+    Some(map)
+}
+
 /// Appends `name: value` lines, one per field.
 pub fn write_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in headers {
@@ -80,12 +107,8 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength>
     }
     let mut found = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.to_str().map_err(|_| InvalidLength)?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(InvalidLength);
-            }
-            let n: u64 = part.parse().map_err(|_| InvalidLength)?;
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part).ok_or(InvalidLength)?;
             if found.is_some_and(|f| f != n) {
                 return Err(InvalidLength);
             }

@@ -7,9 +7,9 @@
 //! hyper, whose server with tether's head scanner answers it as before.
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 
-use super::Framing;
+use super::{FieldAt, Framing, header_map};
 
 /// Header fields a request head may have here (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -34,7 +34,6 @@ pub struct Facts {
     pub body_len: u64,
     /// `Connection: close`: the last request of the connection.
     pub close: bool,
-    pub head: bool,
 }
 
 /// What a request tether takes itself may be.
@@ -53,7 +52,7 @@ pub struct Bounds {
 /// hyper answers 431, 414, or streams the body). Header values share the
 /// head's bytes.
 pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
-    let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut offsets = [FieldAt::default(); MAX_HEADERS];
     let (len, method, target, count, facts) = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -71,9 +70,7 @@ pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
             return Head::HandOff;
         }
         let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Head::HandOff };
-        let base = buf.as_ptr() as usize;
-        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        let mut facts = Facts { body_len: 0, close: false, head: method == Method::HEAD };
+        let mut facts = Facts { body_len: 0, close: false };
         let mut lengths = 0;
         for (slot, h) in offsets.iter_mut().zip(req.headers.iter()) {
             let name = h.name;
@@ -98,34 +95,23 @@ pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
             {
                 return Head::HandOff;
             }
-            *slot = (at(name.as_bytes()), name.len() as u32, at(h.value), h.value.len() as u32);
+            *slot = FieldAt::of(buf, name.as_bytes(), h.value);
         }
-        (len, method, (at(path.as_bytes()), path.len()), req.headers.len(), facts)
+        let target = (path.as_ptr() as usize - buf.as_ptr() as usize, path.len());
+        (len, method, target, req.headers.len(), facts)
     };
     let head = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0 as usize..target.0 as usize + target.1)) else {
-        // Not taken after all: hyper answers it (400) from these bytes.
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).ok();
+    // Room for the forwarding headers tether adds, so the map never grows.
+    let headers = header_map(&head, &offsets[..count], ADDED_UPSTREAM);
+    let (Some(uri), Some(headers)) = (uri, headers) else {
+        // httparse accepted what http does not: the head goes back in front
+        // of the buffer, and hyper answers it (400).
         let rest = buf.split();
         buf.extend_from_slice(&head);
         buf.extend_from_slice(&rest);
         return Head::HandOff;
     };
-    // Room for the forwarding headers tether adds, so the map never grows.
-    let mut headers = HeaderMap::with_capacity(count + ADDED_UPSTREAM);
-    for &(name, name_len, value, value_len) in &offsets[..count] {
-        let (name, value) = (name as usize, value as usize);
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[name..name + name_len as usize]),
-            HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize)),
-        ) else {
-            // httparse accepted what http does not: leave it to hyper.
-            let rest = buf.split();
-            buf.extend_from_slice(&head);
-            buf.extend_from_slice(&rest);
-            return Head::HandOff;
-        };
-        headers.append(name, value);
-    }
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -170,22 +156,17 @@ pub fn encode_response_head(
         // An exact size is the response's own length when it has one (a
         // backend's body is delimited by it): no need to parse it again.
         let declared = headers.contains_key(http::header::CONTENT_LENGTH);
-        match (size, declared) {
-            (Some(n), true) => Framing::Length(n),
-            (None, true) => match super::content_length(headers) {
-                Ok(Some(n)) => Framing::Length(n),
-                _ => {
-                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                    Framing::Chunked
+        let length = size.or_else(|| declared.then(|| super::content_length(headers).ok().flatten()).flatten());
+        match length {
+            Some(n) => {
+                if !declared {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
                 }
-            },
-            (Some(n), false) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
                 Framing::Length(n)
             }
-            (None, false) => {
+            None => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 Framing::Chunked
             }
@@ -198,6 +179,7 @@ pub fn encode_response_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn take(text: &str) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(text.as_bytes());
@@ -213,7 +195,7 @@ mod tests {
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()["host"], "x");
         assert_eq!(req.headers()["cookie"], "t=1");
-        assert_eq!((facts.body_len, facts.close, facts.head), (0, false, false));
+        assert_eq!((facts.body_len, facts.close), (0, false));
         assert_eq!(&rest[..], b"GET /next");
     }
 

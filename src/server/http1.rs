@@ -143,6 +143,7 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
         }
     }
     let body = if body_len == 0 { empty_body() } else { full_body(buf.split_to(body_len).freeze()) };
+    let head_request = req.method() == http::Method::HEAD;
     let req = req.map(|()| body);
     // Pinned here and polled through a closure: passed by value to another
     // async fn, the request's future would be stored twice over in this one,
@@ -158,7 +159,7 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
         return Next::Close;
     };
     let close = facts.close || c.stop.borrow().is_some();
-    match write_response(tcp, resp, facts.head, close, c.limits.client_idle).await {
+    match write_response(tcp, resp, head_request, close, c.limits.client_idle).await {
         Ok(()) if !close => Next::Request,
         Ok(()) => Next::Close,
         Err(e) => {
