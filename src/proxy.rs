@@ -143,19 +143,27 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     // A WebSocket (or other) upgrade: the client's side of the tunnel, once
     // the backend agrees with a 101.
-    let client_upgrade = forward::upgrade_protocol(&req).is_some().then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = forward::upgrade_protocol(&req)
+        .map(|protocol| ClientUpgrade { protocol, client: hyper::upgrade::on(&mut req) });
     let req = req.map(|b| b.map_err(BoxError::from).boxed());
     Ok(respond(&runtime, &conn, req, client_upgrade).await)
 }
 
+/// An upgrade a request asks for ([`forward::upgrade_protocol`]).
+pub struct ClientUpgrade {
+    /// What it asks to switch to (`websocket`, ...).
+    pub protocol: HeaderValue,
+    /// The client's side of the tunnel, once the backend agrees with a 101.
+    pub client: OnUpgrade,
+}
+
 /// Answers one client request: route, select, forward, record, and the
-/// access log line. `client_upgrade` is the client's side of an upgrade the
-/// request asks for.
+/// access log line.
 pub async fn respond(
     runtime: &Runtime,
     conn: &ConnInfo,
     req: Request<Body>,
-    client_upgrade: Option<OnUpgrade>,
+    client_upgrade: Option<ClientUpgrade>,
 ) -> Response<Body> {
     let start = Instant::now();
     // The one snapshot this request uses to its end, even if a reload swaps
@@ -197,7 +205,7 @@ async fn proxy(
     conn: &ConnInfo,
     client_ip: IpAddr,
     mut req: Request<Body>,
-    mut client_upgrade: Option<OnUpgrade>,
+    mut client_upgrade: Option<ClientUpgrade>,
     placed: &mut Placement,
     start: Instant,
 ) -> Result<Response<Body>, ProxyError> {
@@ -225,7 +233,7 @@ async fn proxy(
         AffinityRule::Cookie(rule) => Some(rule.name.as_str()),
         _ => None,
     };
-    let upgrade = client_upgrade.as_ref().and(forward::upgrade_protocol(&req));
+    let upgrade = client_upgrade.as_ref().map(|u| u.protocol.clone());
     forward::upstream_request(
         &mut req,
         &forward::Upstream {
@@ -279,7 +287,7 @@ async fn proxy(
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     // The backend's connection now belongs to the tunnel,
                     // never to the pool.
-                    break switch(runtime, pool, resp, client_upgrade.take(), in_flight, cookie);
+                    break switch(runtime, pool, resp, client_upgrade.take().map(|u| u.client), in_flight, cookie);
                 }
                 // hyper answers in the client's version anyway; an HTTP/2
                 // version from an h2 backend would only make it warn.
@@ -531,10 +539,12 @@ impl Replay {
     }
 }
 
-fn empty_body() -> Body {
-    full_body(Bytes::new())
+/// A body with nothing in it (no allocation).
+pub(crate) fn empty_body() -> Body {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
 }
 
-fn full_body(bytes: Bytes) -> Body {
+/// A body of bytes already at hand.
+pub(crate) fn full_body(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }

@@ -19,10 +19,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::{Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty, Full};
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -32,7 +31,7 @@ use tokio_util::io::poll_read_buf;
 use crate::Runtime;
 use crate::h1::Framing;
 use crate::h1::server::{Bounds, Head, encode_response_head, may_be_h2_preface, take_request};
-use crate::proxy::{ConnInfo, plain_response};
+use crate::proxy::{ConnInfo, empty_body, full_body, plain_response};
 use crate::snapshot::ClientLimits;
 use crate::upstream::Body;
 
@@ -313,12 +312,4 @@ async fn write_all(tcp: &mut TcpStream, mut data: &[u8], stall_limit: Duration) 
         }
     }
     Ok(())
-}
-
-fn empty_body() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-fn full_body(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
