@@ -140,7 +140,7 @@ fn one_request(
     let transport = &backend.transport;
     forward::for_backend(&mut req, transport.protocol, transport.scheme(), backend.addr);
     let cookie = if sel.set_cookie { backend.set_cookie_for(false) } else { None };
-    forward::downstream_response(&mut resp, cookie);
+    forward::downstream_response(&mut resp, &tether::h1::fields::RawFields::default(), cookie);
     black_box((&req, &resp));
     sel.backend
 }
@@ -252,7 +252,7 @@ fn h1_heads(c: &mut Criterion) {
         b.iter_batched(
             || BytesMut::from(WIRE_RESPONSE),
             |mut buf| {
-                let head = tether::h1::client::take_head(&mut buf);
+                let head = tether::h1::client::take_head(&mut buf, false);
                 assert!(matches!(head, Ok(Some(_))));
                 head
             },

@@ -19,6 +19,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::config::Protocol;
+use crate::h1::fields::RawFields;
 use crate::live::InFlight;
 use crate::transport::BoxError;
 use crate::upstream::UpstreamBody;
@@ -31,7 +32,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const TETHER_AFFINITY: HeaderName = HeaderName::from_static("tether-affinity");
 
 // A `static`, not a `const`: a const array would be built and dropped at
-// every use.
+// every use. The same names as `h1::fields::HOP_BY_HOP` (a test checks).
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -241,19 +242,18 @@ pub fn for_backend<B>(req: &mut Request<B>, protocol: Protocol, scheme: &'static
 
 /// Cleans a backend response and, when the client was just (re)assigned,
 /// adds its affinity cookie and keeps the response out of shared caches.
-pub fn downstream_response<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderValue>) {
+/// `raw`: the backend's fields not in the head's map (an HTTP/1.1
+/// backend's, already cleaned: [`crate::h1::fields`]).
+pub fn downstream_response<B>(resp: &mut Response<B>, raw: &RawFields, set_cookie: Option<&HeaderValue>) {
     let headers = resp.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(cookie) = set_cookie {
         headers.append(header::SET_COOKIE, cookie.clone());
-        let forbids_caching = headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|d| {
-                let d = d.trim();
-                d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store")
+        let in_map = headers.get_all(header::CACHE_CONTROL).into_iter().map(HeaderValue::as_bytes);
+        let forbids_caching =
+            in_map.chain(raw.get_all("cache-control")).flat_map(|v| v.split(|&b| b == b',')).any(|d| {
+                let d = d.trim_ascii();
+                d.eq_ignore_ascii_case(b"private") || d.eq_ignore_ascii_case(b"no-store")
             });
         if !forbids_caching {
             headers.append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
@@ -265,7 +265,7 @@ pub fn downstream_response<B>(resp: &mut Response<B>, set_cookie: Option<&Header
 /// `Connection: upgrade` and `Upgrade` are the answer, so they stay.
 pub fn downstream_switch<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderValue>) {
     let upgrade = resp.headers().get(header::UPGRADE).cloned();
-    downstream_response(resp, set_cookie);
+    downstream_response(resp, &RawFields::default(), set_cookie);
     if let Some(protocol) = upgrade {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         resp.headers_mut().insert(header::UPGRADE, protocol);
@@ -531,20 +531,37 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_names_are_the_h1_lists_names() {
+        let names: Vec<&str> = HOP_BY_HOP.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, crate::h1::fields::HOP_BY_HOP);
+    }
+
+    #[test]
     fn inserted_cookie_adds_private_unless_caching_is_already_forbidden() {
         let cookie = HeaderValue::from_static("tether=1; Path=/");
         let mut plain = Response::builder().header("cache-control", "max-age=60").body(()).unwrap();
-        downstream_response(&mut plain, Some(&cookie));
+        downstream_response(&mut plain, &RawFields::default(), Some(&cookie));
         let cc: Vec<_> = plain.headers().get_all("cache-control").iter().collect();
         assert_eq!(cc, vec!["max-age=60", "private"]);
 
         let mut no_store = Response::builder().header("cache-control", "no-store").body(()).unwrap();
-        downstream_response(&mut no_store, Some(&cookie));
+        downstream_response(&mut no_store, &RawFields::default(), Some(&cookie));
         assert_eq!(no_store.headers().get_all("cache-control").iter().count(), 1);
+
+        // The same judgement on an HTTP/1.1 backend's raw fields.
+        let mut raw = RawFields::default();
+        raw.push(b"Cache-Control", b"max-age=5, Private");
+        let mut from_h1 = Response::new(());
+        downstream_response(&mut from_h1, &raw, Some(&cookie));
+        assert!(from_h1.headers().get("cache-control").is_none());
+        let mut cacheable = RawFields::default();
+        cacheable.push(b"Cache-Control", b"max-age=5");
+        downstream_response(&mut from_h1, &cacheable, Some(&cookie));
+        assert_eq!(from_h1.headers().get("cache-control").unwrap(), "private");
 
         let mut app_cookie =
             Response::builder().header("set-cookie", "sid=1").header("connection", "close").body(()).unwrap();
-        downstream_response(&mut app_cookie, None);
+        downstream_response(&mut app_cookie, &RawFields::default(), None);
         assert_eq!(app_cookie.headers().get("set-cookie").unwrap(), "sid=1");
         assert!(app_cookie.headers().get("cache-control").is_none());
         assert!(app_cookie.headers().get("connection").is_none());

@@ -20,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use crate::Runtime;
 use crate::config::{OnUnavailable, Protocol};
 use crate::forward::{self, ProxyBody, TETHER_AFFINITY};
+use crate::h1::fields::RawFields;
 use crate::live::Failure;
 use crate::live::InFlight;
 use crate::select::{self, Outcome, RequestKey, SelectError, Selection};
@@ -146,7 +147,39 @@ pub async fn handle(
     let client_upgrade = forward::upgrade_protocol(&req)
         .map(|protocol| ClientUpgrade { protocol, client: hyper::upgrade::on(&mut req) });
     let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    Ok(respond(&runtime, &conn, req, client_upgrade).await)
+    Ok(respond(&runtime, &conn, req, client_upgrade).await.into_response())
+}
+
+/// The response for a client: its head and body, and the backend's header
+/// fields that are still raw ([`crate::h1::fields`]), which come before
+/// the head's own.
+pub struct Answer {
+    pub response: Response<Body>,
+    pub backend_fields: RawFields,
+}
+
+impl Answer {
+    /// One response, the raw fields moved into its map (for hyper).
+    pub fn into_response(self) -> Response<Body> {
+        let Answer { mut response, backend_fields } = self;
+        if !backend_fields.is_empty() {
+            let own = std::mem::take(response.headers_mut());
+            let headers = response.headers_mut();
+            backend_fields.append_to(headers);
+            for (name, value) in own {
+                if let Some(name) = name {
+                    headers.append(name, value);
+                }
+            }
+        }
+        response
+    }
+}
+
+impl From<Response<Body>> for Answer {
+    fn from(response: Response<Body>) -> Answer {
+        Answer { response, backend_fields: RawFields::default() }
+    }
 }
 
 /// An upgrade a request asks for ([`forward::upgrade_protocol`]).
@@ -164,7 +197,7 @@ pub async fn respond(
     conn: &ConnInfo,
     req: Request<Body>,
     client_upgrade: Option<ClientUpgrade>,
-) -> Response<Body> {
+) -> Answer {
     let start = Instant::now();
     // The one snapshot this request uses to its end, even if a reload swaps
     // in another meanwhile.
@@ -175,11 +208,11 @@ pub async fn respond(
     // Behind trusted proxies, the client named by `X-Forwarded-For`.
     let client_ip = crate::forwarded_for::client_ip(&snap.trusted_proxies, conn.peer.ip(), req.headers());
     let mut placed = Placement::default();
-    let resp = match proxy(runtime, &snap, conn, client_ip, req, client_upgrade, &mut placed, start).await {
-        Ok(resp) => resp,
+    let answer = match proxy(runtime, &snap, conn, client_ip, req, client_upgrade, &mut placed, start).await {
+        Ok(answer) => answer,
         Err(e) => {
             tracing::warn!(pool = placed.pool.as_deref(), backend = placed.backend.as_deref(), error = %e, "request failed");
-            e.into_response()
+            e.into_response().into()
         }
     };
     snap.access_log.write(&crate::access_log::Entry {
@@ -188,14 +221,14 @@ pub async fn respond(
         method: method.as_str(),
         path: uri.path(),
         version,
-        status: resp.status().as_u16(),
+        status: answer.response.status().as_u16(),
         pool: placed.pool.as_deref().unwrap_or("-"),
         backend: placed.backend.as_deref().unwrap_or("-"),
         affinity: placed.outcome.map_or("-", Outcome::as_str),
         attempts: placed.attempts,
         duration: start.elapsed(),
     });
-    resp
+    answer
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -208,7 +241,7 @@ async fn proxy(
     mut client_upgrade: Option<ClientUpgrade>,
     placed: &mut Placement,
     start: Instant,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Answer, ProxyError> {
     let pool_idx = snap
         .router
         .route(crate::routing::request_host(&req), req.uri().path())
@@ -287,14 +320,16 @@ async fn proxy(
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     // The backend's connection now belongs to the tunnel,
                     // never to the pool.
-                    break switch(runtime, pool, resp, client_upgrade.take().map(|u| u.client), in_flight, cookie);
+                    let client = client_upgrade.take().map(|u| u.client);
+                    break switch(runtime, pool, resp, client, in_flight, cookie).map(Answer::from);
                 }
                 // hyper answers in the client's version anyway; an HTTP/2
                 // version from an h2 backend would only make it warn.
                 *resp.version_mut() = Version::HTTP_11;
+                let backend_fields = resp.body_mut().take_fields();
                 let mut resp = resp.map(|body| ProxyBody::new(body, in_flight, pool.body_timeout).boxed());
-                forward::downstream_response(&mut resp, cookie);
-                break Ok(resp);
+                forward::downstream_response(&mut resp, &backend_fields, cookie);
+                break Ok(Answer { response: resp, backend_fields });
             }
             Ok(Err(SendError::NotSent { request, cause })) => {
                 backend.live.count_failure(Failure::Connect);
@@ -349,7 +384,7 @@ async fn proxy(
     };
     account(pool, &sel, result.is_ok());
     let status = match &result {
-        Ok(resp) => resp.status(),
+        Ok(answer) => answer.response.status(),
         Err(e) => e.status(),
     };
     pool.backends[sel.backend].live.responses.record(status.as_u16());

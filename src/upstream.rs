@@ -24,6 +24,7 @@ use hyper::{Request, Response};
 
 use crate::config::Protocol;
 use crate::h1::client::{self as h1, Conn, ResponseBody, SendFailure};
+use crate::h1::fields::RawFields;
 use crate::live::Failure;
 pub use crate::transport::{Body, ConnectError};
 use crate::transport::{BoxError, Transport};
@@ -103,6 +104,16 @@ impl UpstreamBody {
         match self {
             UpstreamBody::H1(b) => b.take_connection(),
             UpstreamBody::H2(_) => None,
+        }
+    }
+
+    /// An HTTP/1.1 response's header fields, kept raw
+    /// ([`ResponseBody::take_fields`]); an HTTP/2 response has its fields
+    /// in its head.
+    pub fn take_fields(&mut self) -> RawFields {
+        match self {
+            UpstreamBody::H1(b) => b.take_fields(),
+            UpstreamBody::H2(_) => RawFields::default(),
         }
     }
 }

@@ -591,6 +591,63 @@ async fn transfer_encoding_chunked_wins_over_content_length_and_no_wrong_length_
     assert_no_failures(&lb);
 }
 
+/// A response whose fields a proxy must clean: hop-by-hop ones, a name its
+/// `Connection` lists, a repeated `Content-Length`, two `Set-Cookie`.
+const FIELDS_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-Custom: One\r\nConnection: keep-alive, X-Secret\r\n\
+    X-Secret: hidden\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\
+    Content-Length: 5, 5\r\nProxy-Connection: keep-alive\r\n\r\nhello";
+
+/// The head and body of one response read off a raw client connection.
+async fn read_raw_response(tcp: &mut TcpStream, body_len: usize) -> (String, String) {
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+            && buf.len() >= end + 4 + body_len
+        {
+            let head = String::from_utf8_lossy(&buf[..end + 2]).into_owned();
+            let body = String::from_utf8_lossy(&buf[end + 4..]).into_owned();
+            return (head, body);
+        }
+        assert!(read_more(tcp, &mut buf).await, "connection closed mid-response: {buf:?}");
+    }
+}
+
+#[tokio::test]
+async fn response_fields_pass_as_sent_less_hop_by_hop_ones_to_http1_and_h2_clients() {
+    let backend = Scripted::start(|_| vec![send(FIELDS_RESPONSE)]).await;
+    let lb = tether_in_front_of(backend.addr).await;
+
+    // An HTTP/1.1 client (tether's own server code): the fields as they
+    // came, names in their case, in order; one Content-Length.
+    let mut tcp = TcpStream::connect(lb.addr()).await.unwrap();
+    for round in 0..2 {
+        tcp.write_all(b"GET /fields HTTP/1.1\r\nHost: lb\r\n\r\n").await.unwrap();
+        let (head, body) = read_raw_response(&mut tcp, 5).await;
+        assert_eq!(body, "hello", "round {round}");
+        let lines: Vec<&str> = head.lines().collect();
+        assert_eq!(lines[0], "HTTP/1.1 200 OK");
+        assert_eq!(lines[1..4], ["X-Custom: One", "Set-Cookie: a=1", "set-cookie: b=2"], "{head}");
+        let lower = head.to_ascii_lowercase();
+        for gone in ["x-secret", "keep-alive", "connection", "proxy-connection"] {
+            assert!(!lower.contains(gone), "`{gone}` was passed on: {head}");
+        }
+        assert_eq!(lower.matches("content-length").count(), 1, "{head}");
+        assert!(lower.contains("content-length: 5\r\n"), "{head}");
+    }
+
+    // An HTTP/2 client (served by hyper): the same fields in its map.
+    let r = fetch(h2c_client().get(lb.url("/fields"))).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello"));
+    assert_eq!(r.version, reqwest::Version::HTTP_2);
+    assert_eq!(r.header("x-custom"), Some("One"));
+    assert_eq!(r.header_all("set-cookie"), ["a=1", "b=2"]);
+    for gone in ["x-secret", "keep-alive", "connection", "proxy-connection"] {
+        assert!(r.header(gone).is_none(), "`{gone}` was passed on: {r:?}");
+    }
+    assert!(matches!(r.header("content-length"), None | Some("5")), "{r:?}");
+    assert_no_failures(&lb);
+}
+
 // ---------------------------------------------------------------------------
 // Malformed responses
 // ---------------------------------------------------------------------------

@@ -11,14 +11,16 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::ReadBuf;
 
+use super::fields::{RawFields, is_hop_by_hop};
 use super::{FieldAt, Framing, chunked, header_map};
 use crate::transport::{Body, BoxError, Io};
 
@@ -279,15 +281,13 @@ impl Conn {
         complete: bool,
     ) -> Result<Response<ResponseBody>, Error> {
         loop {
-            if let Some(mut resp) = take_head(&mut self.buf)? {
-                let status = resp.status();
+            if let Some(head) = take_head(&mut self.buf, head_request)? {
+                let status = head.head.status();
                 if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                     continue;
                 }
-                let framing = response_framing(status, head_request, resp.headers_mut())?;
-                let keep_alive = complete && keeps_alive(resp.version(), resp.headers());
-                let body = ResponseBody::new(self, framing, keep_alive);
-                return Ok(resp.map(|()| body));
+                let body = ResponseBody::new(self, head.framing, complete && head.keep_alive, head.fields);
+                return Ok(head.head.map(|()| body));
             }
             if self.buf.len() >= MAX_HEAD_BYTES {
                 return Err(Error::Invalid("response head too large"));
@@ -305,37 +305,127 @@ impl Conn {
     }
 }
 
+/// A response head taken off the read buffer.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status and version. Header fields only for a `101`, whose `Upgrade`
+    /// and `Connection` are the answer to the client's upgrade; every other
+    /// response's fields are in `fields`.
+    pub head: Response<()>,
+    pub framing: Framing,
+    /// The head lets the connection stay open after this response.
+    pub keep_alive: bool,
+    /// The fields passed on to the client: all but the hop-by-hop ones and
+    /// those `Connection` names, and but a `Content-Length` that frames
+    /// the body (it is written again from the body's length).
+    pub fields: RawFields,
+}
+
 /// Takes a complete response head off the front of `buf`, if there is one.
-/// Header values share the head's bytes (no copy). Public for the benches.
-pub fn take_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
+/// `head_request`: the request was a `HEAD` (the response has no body).
+/// Public for the benches.
+pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, Error> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut offsets = [FieldAt::default(); MAX_HEADERS];
-    let (len, status, version, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        let len = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many header fields")),
-            Err(_) => return Err(Error::Invalid("malformed head")),
-        };
-        let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("status"))?;
-        let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        for (slot, h) in offsets.iter_mut().zip(resp.headers.iter()) {
-            *slot = FieldAt::of(buf, h.name.as_bytes(), h.value);
-        }
-        (len, status, version, resp.headers.len())
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many header fields")),
+        Err(_) => return Err(Error::Invalid("malformed head")),
     };
-    let head = buf.split_to(len).freeze();
-    // Room for `Set-Cookie` and `Cache-Control`, which tether may add.
-    let headers = header_map(&head, &offsets[..count], 2).ok_or(Error::Invalid("header field"))?;
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    *resp.headers_mut() = headers;
-    Ok(Some(resp))
+    let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("status"))?;
+    let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    *head.version_mut() = version;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let offsets: Vec<FieldAt> = resp.headers.iter().map(|h| FieldAt::of(buf, h.name.as_bytes(), h.value)).collect();
+        let bytes = buf.split_to(len).freeze();
+        *head.headers_mut() = header_map(&bytes, &offsets, 2).ok_or(Error::Invalid("header field"))?;
+        let fields = RawFields::default();
+        return Ok(Some(ResponseHead { head, framing: Framing::Length(0), keep_alive: false, fields }));
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let read = read_fields(resp.headers);
+    let framing = match read.transfer_chunked {
+        _ if no_body => Framing::Length(0),
+        // `Transfer-Encoding` wins over a `Content-Length` (RFC 9112 §6.3).
+        Some(true) => Framing::Chunked,
+        Some(false) => Framing::UntilClose,
+        None => match read.length {
+            Ok(Some(n)) => Framing::Length(n),
+            Ok(None) => Framing::UntilClose,
+            Err(super::InvalidLength) => return Err(Error::Invalid("Content-Length")),
+        },
+    };
+    let keep_alive = if version == Version::HTTP_10 { read.keep_alive } else { !read.close };
+    let mut fields = RawFields::with_capacity(len);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let dropped = is_hop_by_hop(name)
+            || (!no_body && name.eq_ignore_ascii_case(b"content-length"))
+            || (read.names_listed && listed_in_connection(resp.headers, name));
+        if !dropped {
+            fields.push(name, h.value);
+        }
+    }
+    buf.advance(len);
+    Ok(Some(ResponseHead { head, framing, keep_alive, fields }))
+}
+
+/// What a response head's fields say about its framing and connection.
+struct FieldFacts {
+    /// `Transfer-Encoding` is present: whether chunked is its last coding.
+    transfer_chunked: Option<bool>,
+    length: Result<Option<u64>, super::InvalidLength>,
+    /// `Connection` lists `close`, `keep-alive`, other names.
+    close: bool,
+    keep_alive: bool,
+    names_listed: bool,
+}
+
+fn read_fields(fields: &[httparse::Header<'_>]) -> FieldFacts {
+    let mut facts =
+        FieldFacts { transfer_chunked: None, length: Ok(None), close: false, keep_alive: false, names_listed: false };
+    for h in fields {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if let Ok(found) = &mut facts.length
+                && super::merge_length(found, h.value).is_err()
+            {
+                facts.length = Err(super::InvalidLength);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            facts.transfer_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    facts.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    facts.keep_alive = true;
+                } else if !token.is_empty() {
+                    facts.names_listed = true;
+                }
+            }
+        }
+    }
+    facts
+}
+
+/// Whether a `Connection` field of the head names `name`.
+fn listed_in_connection(fields: &[httparse::Header<'_>], name: &[u8]) -> bool {
+    fields
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
 }
 
 /// Ready once the backend has answered (a final head after any interim
@@ -367,40 +457,6 @@ fn answered(mut buf: &[u8]) -> bool {
             Ok(httparse::Status::Partial) => return false,
         }
     }
-}
-
-/// How the response body is delimited (RFC 9112 §6.3). A `Content-Length`
-/// beside `Transfer-Encoding` is removed: the latter wins.
-fn response_framing(status: StatusCode, head_request: bool, headers: &mut HeaderMap) -> Result<Framing, Error> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Length(0));
-    }
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
-        headers.remove(http::header::CONTENT_LENGTH);
-        let chunked_last = headers
-            .get_all(http::header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked_last { Framing::Chunked } else { Framing::UntilClose });
-    }
-    match super::content_length(headers) {
-        Ok(Some(n)) => Ok(Framing::Length(n)),
-        Ok(None) => Ok(Framing::UntilClose),
-        Err(super::InvalidLength) => Err(Error::Invalid("Content-Length")),
-    }
-}
-
-/// Whether the backend keeps the connection open after this response.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| super::connection_has(headers, token);
-    if version == Version::HTTP_10 { has("keep-alive") } else { !has("close") }
 }
 
 /// Writes the request line and headers, and the framing header the body
@@ -497,6 +553,8 @@ pub struct ResponseBody {
     state: State,
     /// The connection may carry another request once the body has ended.
     keep_alive: bool,
+    /// The head's fields, passed on as they came ([`ResponseHead::fields`]).
+    fields: RawFields,
 }
 
 enum State {
@@ -508,7 +566,7 @@ enum State {
 }
 
 impl ResponseBody {
-    fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool) -> Self {
+    fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool, fields: RawFields) -> Self {
         let state = match framing {
             Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Remaining(n),
@@ -517,7 +575,14 @@ impl ResponseBody {
         };
         // A body delimited by the close ends with its connection.
         let keep_alive = keep_alive && framing != Framing::UntilClose;
-        ResponseBody { conn: Some(conn), state, keep_alive }
+        ResponseBody { conn: Some(conn), state, keep_alive, fields }
+    }
+
+    /// The response head's header fields, kept raw: they travel with the
+    /// body so a client served by tether's own HTTP/1.1 code gets them as
+    /// they came. Empty for a `101` (its fields are in the head's map).
+    pub fn take_fields(&mut self) -> RawFields {
+        std::mem::take(&mut self.fields)
     }
 
     /// The connection, once the body has ended and the backend keeps it
@@ -615,5 +680,88 @@ impl std::fmt::Debug for ResponseBody {
             .field("done", &self.is_end_stream())
             .field("keep_alive", &self.keep_alive)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(text: &str, head_request: bool) -> Result<ResponseHead, Error> {
+        let mut buf = BytesMut::from(text.as_bytes());
+        let head = take_head(&mut buf, head_request).map(|h| h.expect("a complete head"));
+        if head.is_ok() {
+            assert_eq!(&buf[..], b"rest", "the head is taken, what follows stays");
+        }
+        head
+    }
+
+    fn fields(head: &ResponseHead) -> &str {
+        std::str::from_utf8(head.fields.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_length_framed_head_passes_its_fields_but_the_length() {
+        let head =
+            take("HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 4\r\nConnection: keep-alive\r\n\r\nrest", false);
+        let head = head.unwrap();
+        assert_eq!(head.framing, Framing::Length(4));
+        assert!(head.keep_alive);
+        assert_eq!(fields(&head), "Server: x\r\n");
+        assert!(head.head.headers().is_empty());
+    }
+
+    #[test]
+    fn a_head_without_a_body_keeps_its_content_length() {
+        for (text, head_request) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\nrest", true),
+            ("HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\nrest", false),
+        ] {
+            let head = take(text, head_request).unwrap();
+            assert_eq!(head.framing, Framing::Length(0), "{text}");
+            assert_eq!(fields(&head), "Content-Length: 1234\r\n");
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_wins_and_neither_it_nor_the_length_is_passed() {
+        let head = take("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\nrest", false);
+        assert_eq!(head.unwrap().framing, Framing::Chunked);
+        let head = take("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nA: 1\r\n\r\nrest", false).unwrap();
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert_eq!(fields(&head), "A: 1\r\n");
+    }
+
+    #[test]
+    fn connection_decides_reuse_by_version_and_its_listed_names_are_dropped() {
+        let head = take("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\nrest", false).unwrap();
+        assert!(!head.keep_alive);
+        let head = take("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\nrest", false).unwrap();
+        assert!(!head.keep_alive);
+        let text =
+            "HTTP/1.0 200 OK\r\nConnection: Keep-Alive, x-a\r\nX-A: 1\r\nX-B: 2\r\nContent-Length: 0\r\n\r\nrest";
+        let head = take(text, false).unwrap();
+        assert!(head.keep_alive);
+        assert_eq!(fields(&head), "X-B: 2\r\n");
+    }
+
+    #[test]
+    fn lengths_that_disagree_or_are_not_numbers_are_invalid() {
+        for cl in ["5, 6", "-1", "0x10", ""] {
+            let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {cl}\r\n\r\nrest");
+            assert!(matches!(take(&text, false), Err(Error::Invalid("Content-Length"))), "{cl}");
+        }
+        let head = take("HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5, 5\r\n\r\nrest", false);
+        assert_eq!(head.unwrap().framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn a_switch_keeps_all_its_fields_in_the_map() {
+        let text = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nrest";
+        let head = take(text, false).unwrap();
+        assert_eq!(head.head.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(head.head.headers()["upgrade"], "websocket");
+        assert_eq!(head.head.headers()["connection"], "Upgrade");
+        assert!(head.fields.is_empty());
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod chunked;
 pub mod client;
+pub mod fields;
 pub mod server;
 
 use std::io;
@@ -107,15 +108,22 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength>
     }
     let mut found = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part).ok_or(InvalidLength)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(InvalidLength);
-            }
-            found = Some(n);
-        }
+        merge_length(&mut found, value.as_bytes())?;
     }
     Ok(found)
+}
+
+/// Adds one `Content-Length` field's value (a comma list) to the length
+/// found so far; every number must agree.
+pub fn merge_length(found: &mut Option<u64>, value: &[u8]) -> Result<(), InvalidLength> {
+    for part in value.split(|&b| b == b',') {
+        let n = parse_length(part).ok_or(InvalidLength)?;
+        if found.is_some_and(|f| f != n) {
+            return Err(InvalidLength);
+        }
+        *found = Some(n);
+    }
+    Ok(())
 }
 
 /// A `Content-Length` value: 1 to 18 digits (as the head scanner allows),

@@ -9,6 +9,7 @@
 use bytes::BytesMut;
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 
+use super::fields::RawFields;
 use super::{FieldAt, Framing, header_map};
 
 /// Header fields a request head may have here (hyper's limit too).
@@ -130,9 +131,11 @@ pub fn may_be_h2_preface(bytes: &[u8]) -> bool {
 /// Writes a response head for an HTTP/1.1 client and says how its body is
 /// framed: the response's `Content-Length`, else `size` (the body's exact
 /// size, if known), else chunked. Responses that have no body (to `HEAD`,
-/// 1xx, 204, 304) keep their headers as they are.
+/// 1xx, 204, 304) keep their headers as they are. `raw`: a backend's
+/// fields, already clean ([`super::fields`]), written before `headers`.
 pub fn encode_response_head(
     status: StatusCode,
+    raw: &RawFields,
     headers: &HeaderMap,
     size: Option<u64>,
     no_body: bool,
@@ -144,6 +147,7 @@ pub fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(raw.as_bytes());
     super::write_fields(headers, out);
     if close && !super::connection_has(headers, "close") {
         out.extend_from_slice(b"connection: close\r\n");
@@ -246,20 +250,34 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("text/plain"));
         let mut out = Vec::new();
-        let framing = encode_response_head(StatusCode::OK, &h, Some(10), false, false, &mut out);
+        let framing = encode_response_head(StatusCode::OK, &RawFields::default(), &h, Some(10), false, false, &mut out);
         assert_eq!(framing, Framing::Length(10));
         assert_eq!(out, b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 10\r\n\r\n");
 
         out.clear();
-        assert_eq!(encode_response_head(StatusCode::OK, &h, None, false, true, &mut out), Framing::Chunked);
+        assert_eq!(
+            encode_response_head(StatusCode::OK, &RawFields::default(), &h, None, false, true, &mut out),
+            Framing::Chunked
+        );
         assert!(out.ends_with(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"));
 
         out.clear();
         h.insert("content-length", HeaderValue::from_static("1234"));
-        assert_eq!(encode_response_head(StatusCode::OK, &h, None, true, false, &mut out), Framing::Length(0));
+        assert_eq!(
+            encode_response_head(StatusCode::OK, &RawFields::default(), &h, None, true, false, &mut out),
+            Framing::Length(0)
+        );
         assert!(out.ends_with(b"content-length: 1234\r\n\r\n"), "a HEAD response keeps its length");
         out.clear();
-        let framing = encode_response_head(StatusCode::NO_CONTENT, &HeaderMap::new(), None, false, false, &mut out);
+        let framing = encode_response_head(
+            StatusCode::NO_CONTENT,
+            &RawFields::default(),
+            &HeaderMap::new(),
+            None,
+            false,
+            false,
+            &mut out,
+        );
         assert_eq!((framing, &out[..]), (Framing::Length(0), &b"HTTP/1.1 204 No Content\r\n\r\n"[..]));
     }
 }

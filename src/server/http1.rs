@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use http_body::Body as _;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
@@ -31,9 +31,8 @@ use tokio_util::io::poll_read_buf;
 use crate::Runtime;
 use crate::h1::Framing;
 use crate::h1::server::{Bounds, Head, encode_response_head, may_be_h2_preface, take_request};
-use crate::proxy::{ConnInfo, empty_body, full_body, plain_response};
+use crate::proxy::{Answer, ConnInfo, empty_body, full_body, plain_response};
 use crate::snapshot::ClientLimits;
-use crate::upstream::Body;
 
 /// Request bodies up to this size are read whole before the request is
 /// proxied; larger ones go to hyper, which streams them.
@@ -153,12 +152,12 @@ async fn serve_one(c: &mut Client<'_>, tcp: &mut TcpStream, buf: &mut BytesMut, 
         Poll::Ready(resp) => Poll::Ready(Some(resp)),
         Poll::Pending => client_left(tcp, &mut watch, cx),
     });
-    let Some(resp) = answer.await else {
+    let Some(answer) = answer.await else {
         tracing::debug!(%peer, "client closed its connection before the response; request abandoned");
         return Next::Close;
     };
     let close = facts.close || c.stop.borrow().is_some();
-    match write_response(tcp, resp, head_request, close, c.limits.client_idle).await {
+    match write_response(tcp, answer, head_request, close, c.limits.client_idle).await {
         Ok(()) if !close => Next::Request,
         Ok(()) => Next::Close,
         Err(e) => {
@@ -193,7 +192,7 @@ async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request
     let status = StatusCode::REQUEST_TIMEOUT;
     snap.access_log.write(&crate::access_log::Entry::unrouted(&snap, c.info, req, status.as_u16(), Duration::ZERO));
     let resp = plain_response(status, "request body timeout\n");
-    let _ = write_response(tcp, resp, false, true, c.limits.client_idle).await;
+    let _ = write_response(tcp, resp.into(), false, true, c.limits.client_idle).await;
 }
 
 /// Waits for the client's next bytes holding no buffer, so an idle
@@ -251,15 +250,17 @@ async fn read_until(tcp: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) 
 /// bytes than its length, or no last chunk) and the connection closes.
 async fn write_response(
     tcp: &mut TcpStream,
-    resp: Response<Body>,
+    answer: Answer,
     head_request: bool,
     close: bool,
     stall_limit: Duration,
 ) -> io::Result<()> {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, mut body) = answer.response.into_parts();
+    let raw = answer.backend_fields;
     let mut out = Vec::with_capacity(1024);
     let size = body.size_hint().exact();
-    let framing = encode_response_head(parts.status, &parts.headers, size, head_request, close, &mut out);
+    let framing = encode_response_head(parts.status, &raw, &parts.headers, size, head_request, close, &mut out);
+    drop(raw);
     if framing == Framing::Length(0) {
         return write_all(tcp, &out, stall_limit).await;
     }
