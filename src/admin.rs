@@ -106,13 +106,13 @@ fn same_origin(conn: &ConnInfo, req: &Request<Incoming>) -> Result<(), String> {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .ok_or("a Host header is required\n")?;
-    if !is_own_host(host, conn.local.port()) {
+    if !is_own_host(host, conn.local_port) {
         return Err(format!("host `{host}` is not this admin listener\n"));
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         let own = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
-        if !own.is_some_and(|o| is_own_host(o, conn.local.port())) {
+        if !own.is_some_and(|o| is_own_host(o, conn.local_port)) {
             return Err("cross-origin requests are refused\n".to_string());
         }
     }

@@ -37,17 +37,18 @@ const RETRY_AFTER_SECS: &str = "5";
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
-    /// The address the client connected to.
-    pub local: SocketAddr,
+    /// The port the client connected to (a port, not the whole address:
+    /// every idle connection carries this).
+    pub local_port: u16,
     pub https: bool,
     /// `peer` as `X-Forwarded-For` text, formatted once.
     pub peer_header: HeaderValue,
 }
 
 impl ConnInfo {
-    pub fn new(listener: Arc<str>, peer: SocketAddr, local: SocketAddr, https: bool) -> ConnInfo {
+    pub fn new(listener: Arc<str>, peer: SocketAddr, local_port: u16, https: bool) -> ConnInfo {
         let peer_header = crate::forwarded_for::peer_value(peer.ip());
-        ConnInfo { listener, peer, local, https, peer_header }
+        ConnInfo { listener, peer, local_port, https, peer_header }
     }
 }
 

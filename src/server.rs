@@ -67,6 +67,15 @@ struct Running {
     connections: Arc<Gate>,
 }
 
+impl Running {
+    /// Stops accepting; open connections finish within `deadline`, idle
+    /// ones close at once.
+    fn stop(&self, deadline: Duration) {
+        let _ = self.stop.send(Some(deadline));
+        self.connections.stopping.notify_waiters();
+    }
+}
+
 /// What a listener serves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -125,7 +134,7 @@ impl Server {
             let keep = wanted.iter().any(|(n, a)| *n == r.name && *a == r.configured);
             if !keep {
                 tracing::info!(listener = %r.name, addr = %r.local, "listener removed: draining its connections");
-                let _ = r.stop.send(Some(snap.shutdown_timeout));
+                r.stop(snap.shutdown_timeout);
             }
             keep
         });
@@ -186,7 +195,7 @@ impl Server {
             running
                 .drain(..)
                 .map(|r| {
-                    let _ = r.stop.send(Some(deadline));
+                    r.stop(deadline);
                     r.task
                 })
                 .collect()

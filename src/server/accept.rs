@@ -23,6 +23,10 @@ use crate::snapshot::Snapshot;
 pub(super) struct Gate {
     open: AtomicU64,
     closed: Notify,
+    /// Wakes the fast path's idle connections when the listener stops
+    /// (after its stop signal is set). Each idle connection waits on it: a
+    /// `Notified` is half the size of a wait on the stop signal itself.
+    pub(super) stopping: Notify,
 }
 
 impl Gate {
@@ -38,6 +42,12 @@ impl Gate {
 
 /// One open connection; dropping it makes room for the next.
 pub(super) struct Permit(Arc<Gate>);
+
+impl Permit {
+    pub(super) fn gate(&self) -> &Gate {
+        &self.0
+    }
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {

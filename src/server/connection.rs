@@ -105,7 +105,7 @@ impl Connection<'_> {
             handler,
             tls,
             proxy_protocol,
-            info: ConnInfo::new(self.name.clone(), peer, local, https),
+            info: ConnInfo::new(self.name.clone(), peer, local.port(), https),
             started,
         };
         tokio::spawn(task.run(tcp, permit));
@@ -128,6 +128,10 @@ struct Task {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+fn into_buf(bytes: Vec<u8>) -> bytes::BytesMut {
+    bytes::BytesMut::from(&bytes[..])
+}
+
 impl Task {
     /// `fut`, unless the listener stops first. Until HTTP starts (PROXY
     /// header, TLS handshake, sniff) a stop ends the connection at once, so
@@ -140,37 +144,47 @@ impl Task {
         }
     }
 
-    async fn run(mut self, mut tcp: TcpStream, permit: Permit) {
-        let mut surplus = Vec::new();
-        let mut http1_only = false;
-        if self.proxy_protocol {
-            // Boxed, like every stage an idle connection is not in: the
-            // task's state machine is as big as its biggest await.
-            let Some((source, rest)) = Box::pin(self.proxy_header(&mut tcp)).await else { return };
-            let info = &self.info;
-            self.info = ConnInfo::new(info.listener.clone(), source, info.local, info.https);
-            surplus = rest;
-        }
-        if self.tls.is_none() && matches!(self.handler, Handler::Proxy) {
-            // Plain HTTP/1.1 requests are served by tether's own fast path;
-            // hyper takes over at the first one it cannot serve.
-            let client = super::http1::Client {
-                runtime: &self.runtime,
-                info: &self.info,
-                limits: &self.builders.limits,
-                stop: &mut self.stop,
+    /// An `async` block rather than an `async fn`: an `async fn` keeps a
+    /// second copy of its arguments in its state, and this state is what
+    /// every idle connection carries.
+    #[allow(clippy::manual_async_fn)] // see above: the state's size
+    fn run(mut self, mut tcp: TcpStream, permit: Permit) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let surplus = if self.proxy_protocol {
+                // Boxed, like every stage an idle connection is not in: the
+                // task's state machine is as big as its biggest await.
+                let Some((source, rest)) = Box::pin(self.proxy_header(&mut tcp)).await else { return };
+                let info = &self.info;
+                self.info = ConnInfo::new(info.listener.clone(), source, info.local_port, info.https);
+                rest
+            } else {
+                Vec::new()
             };
-            match super::http1::serve(client, &mut tcp, surplus, self.started).await {
-                super::http1::End::Closed => return,
-                super::http1::End::HandOff { read, since, served } => {
-                    surplus = read;
-                    // hyper's timeouts count from the head it starts with.
-                    self.started = since;
-                    http1_only = served;
+            let (surplus, http1_only) = if self.tls.is_none() && matches!(self.handler, Handler::Proxy) {
+                // Plain HTTP/1.1 requests are served by tether's own fast
+                // path; hyper takes over at the first one it cannot serve.
+                let client = super::http1::Client {
+                    runtime: &self.runtime,
+                    info: &self.info,
+                    limits: &self.builders.limits,
+                    stop: &self.stop,
+                    stopping: &permit.gate().stopping,
+                };
+                // `surplus` moves (no borrow), so nothing of it is kept
+                // while the connection waits between requests.
+                match super::http1::serve(client, &mut tcp, into_buf(surplus), self.started).await {
+                    super::http1::End::Closed => return,
+                    super::http1::End::HandOff { read, since, served } => {
+                        // hyper's timeouts count from the head it starts with.
+                        self.started = since;
+                        (read, served)
+                    }
                 }
-            }
+            } else {
+                (surplus, false)
+            };
+            Box::pin(self.serve_hyper(tcp, surplus, http1_only, permit)).await;
         }
-        Box::pin(self.serve_hyper(tcp, surplus, http1_only, permit)).await;
     }
 
     /// The PROXY protocol header: the client's address it names (else the

@@ -24,7 +24,8 @@ use http::StatusCode;
 use http_body::Body as _;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
@@ -61,37 +62,49 @@ pub(super) struct Client<'a> {
     pub info: &'a ConnInfo,
     pub limits: &'a ClientLimits,
     /// Becomes `Some` when the listener stops.
-    pub stop: &'a mut watch::Receiver<Option<Duration>>,
+    pub stop: &'a watch::Receiver<Option<Duration>>,
+    /// Notified when it does ([`super::accept::Gate::stopping`]).
+    pub stopping: &'a Notify,
 }
 
 /// Serves requests on `tcp` until it closes, times out, the listener stops,
-/// or a request needs hyper. `read` holds bytes already read (the PROXY
+/// or a request needs hyper. `buf` holds bytes already read (the PROXY
 /// header's surplus); `started` is when the connection was accepted.
-pub(super) async fn serve(mut c: Client<'_>, tcp: &mut TcpStream, read: Vec<u8>, started: Instant) -> End {
-    let mut buf = BytesMut::from(&read[..]);
-    drop(read);
-    let mut first = true;
-    loop {
-        if buf.is_empty() {
-            // Freed now, not when the next bytes arrive: an idle connection
-            // holds no buffer.
-            drop(std::mem::take(&mut buf));
-            let deadline = if first { started + c.limits.header_read } else { Instant::now() + c.limits.client_idle };
-            buf = match next_bytes(tcp, deadline, c.stop).await {
-                Ok(buf) => buf,
-                Err(why) => {
-                    tracing::debug!(peer = %c.info.peer, why, "client connection closed between requests");
-                    return End::Closed;
-                }
-            };
-        }
-        let since = if first { started } else { Instant::now() };
-        // Boxed: the connection's task need not be as big as a request's
-        // state while it waits for the next one.
-        match Box::pin(serve_one(&mut c, tcp, &mut buf, first, since)).await {
-            Next::Request => first = false,
-            Next::Close => return End::Closed,
-            Next::HandOff => return End::HandOff { read: buf.to_vec(), since, served: !first },
+///
+/// An `async` block, not an `async fn`, which would keep its arguments
+/// twice in the state every idle connection carries.
+#[allow(clippy::manual_async_fn)] // see above: the state's size
+pub(super) fn serve<'a>(
+    mut c: Client<'a>,
+    tcp: &'a mut TcpStream,
+    mut buf: BytesMut,
+    started: Instant,
+) -> impl Future<Output = End> + Send + 'a {
+    async move {
+        let mut first = true;
+        loop {
+            if buf.is_empty() {
+                // Freed now, not when the next bytes arrive: an idle
+                // connection holds no buffer.
+                drop(std::mem::take(&mut buf));
+                let deadline =
+                    if first { started + c.limits.header_read } else { Instant::now() + c.limits.client_idle };
+                buf = match next_bytes(tcp, deadline, c.stop, c.stopping).await {
+                    Ok(buf) => buf,
+                    Err(why) => {
+                        tracing::debug!(peer = %c.info.peer, why, "client connection closed between requests");
+                        return End::Closed;
+                    }
+                };
+            }
+            let since = if first { started } else { Instant::now() };
+            // Boxed: the connection's task need not be as big as a request's
+            // state while it waits for the next one.
+            match Box::pin(serve_one(&mut c, tcp, &mut buf, first, since)).await {
+                Next::Request => first = false,
+                Next::Close => return End::Closed,
+                Next::HandOff => return End::HandOff { read: buf.to_vec(), since, served: !first },
+            }
         }
     }
 }
@@ -198,38 +211,62 @@ async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request
 /// Waits for the client's next bytes holding no buffer, so an idle
 /// connection costs only its task; the buffer is allocated when the socket
 /// is readable (a readiness tokio still has from an earlier read is found
-/// stale by a read that would block, and the wait goes on).
-async fn next_bytes(
-    tcp: &mut TcpStream,
+/// stale by a read that would block, and the wait goes on). Ends at
+/// `deadline`, or when the listener stops.
+fn next_bytes<'a>(
+    tcp: &'a mut TcpStream,
     deadline: Instant,
-    stop: &mut watch::Receiver<Option<Duration>>,
-) -> Result<BytesMut, &'static str> {
-    // Polled by hand rather than with `select!` over `readable()`: the
-    // read readiness keeps its waker in the socket's registration, not in
-    // this future, which every idle connection carries.
-    let mut timeout = std::pin::pin!(tokio::time::sleep_until(deadline));
-    let mut stopping = std::pin::pin!(stop.wait_for(Option::is_some));
-    loop {
-        poll_fn(|cx| {
-            if let Poll::Ready(ready) = tcp.poll_read_ready(cx) {
-                return Poll::Ready(ready.map_err(|_| "socket error"));
-            }
-            if timeout.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err("timeout (client_idle, or header_read for the first request)"));
-            }
-            if stopping.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err("listener stopping"));
-            }
-            Poll::Pending
-        })
-        .await?;
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
-        match poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *tcp), cx, &mut buf))).await {
-            Poll::Ready(Ok(0)) => return Err("closed by the client"),
-            Poll::Ready(Ok(_)) => return Ok(buf),
-            Poll::Ready(Err(_)) => return Err("socket error"),
-            Poll::Pending => {}
+    stop: &watch::Receiver<Option<Duration>>,
+    stopping: &'a Notify,
+) -> NextBytes<'a> {
+    // Made before the stop signal is read: a stop after this read wakes it.
+    let stopping = stopping.notified();
+    let stopped = stop.borrow().is_some();
+    NextBytes { tcp, timeout: tokio::time::sleep_until(deadline), stopping, stopped }
+}
+
+pin_project_lite::pin_project! {
+    /// [`next_bytes`]: a future written by hand, as small as it can be,
+    /// since every idle connection carries one. The read readiness keeps
+    /// its waker in the socket's registration, not here.
+    struct NextBytes<'a> {
+        tcp: &'a mut TcpStream,
+        #[pin]
+        timeout: tokio::time::Sleep,
+        #[pin]
+        stopping: Notified<'a>,
+        stopped: bool,
+    }
+}
+
+impl Future for NextBytes<'_> {
+    type Output = Result<BytesMut, &'static str>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if *this.stopped {
+            return Poll::Ready(Err("listener stopping"));
         }
+        if let Poll::Ready(ready) = this.tcp.poll_read_ready(cx) {
+            ready.map_err(|_| "socket error")?;
+            // Through `AsyncRead`, whose short reads tell tokio the socket is
+            // drained, so the next wait costs no read that would block.
+            let mut buf = BytesMut::with_capacity(READ_SIZE);
+            match poll_read_buf(Pin::new(&mut **this.tcp), cx, &mut buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err("closed by the client")),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(buf)),
+                Poll::Ready(Err(_)) => return Poll::Ready(Err("socket error")),
+                // Stale readiness, now cleared; the read registered the wake-up.
+                Poll::Pending => {}
+            }
+        }
+        if this.timeout.poll(cx).is_ready() {
+            return Poll::Ready(Err("timeout (client_idle, or header_read for the first request)"));
+        }
+        if this.stopping.poll(cx).is_ready() {
+            return Poll::Ready(Err("listener stopping"));
+        }
+        Poll::Pending
     }
 }
 
