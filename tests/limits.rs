@@ -130,6 +130,20 @@ async fn an_idle_keep_alive_connection_is_closed_at_client_idle() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_outlives_the_header_read_deadline_of_its_first_request() {
+    // The wait after a request is client_idle's, although the connection's
+    // timer was first armed for header_read (and fires then, unheeded).
+    let (_backend, lb) = echo_tether("[timeouts]\nheader_read = \"1s\"\nclient_idle = \"60s\"\n").await;
+    let mut tcp = raw::connect(lb.addr()).await;
+    for pause in [Duration::ZERO, Duration::from_millis(1500)] {
+        // Not a synchronisation: the pause is the behaviour under test.
+        tokio::time::sleep(pause).await;
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        assert_eq!(raw::read_response(&mut tcp).await.status, 200, "after a pause of {pause:?}");
+    }
+}
+
+#[tokio::test]
 async fn an_idle_http2_connection_is_closed_at_client_idle() {
     let (_backend, lb) = echo_tether("[timeouts]\nheader_read = \"60s\"\nclient_idle = \"1s\"\n").await;
     let (h2, conn) = h2::client::handshake(raw::connect(lb.addr()).await).await.unwrap();

@@ -26,7 +26,7 @@ use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 use crate::Runtime;
@@ -82,6 +82,11 @@ pub(super) fn serve<'a>(
 ) -> impl Future<Output = End> + Send + 'a {
     async move {
         let mut first = true;
+        // One timer for all the waits between requests. Arming a timer costs
+        // more than the rest of a wait, so it is not re-armed for each: it
+        // keeps an earlier deadline, and is moved on only when it fires
+        // before the wait's own ([`NextBytes`]).
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(started + c.limits.header_read));
         loop {
             if buf.is_empty() {
                 // Freed now, not when the next bytes arrive: an idle
@@ -89,7 +94,7 @@ pub(super) fn serve<'a>(
                 drop(std::mem::take(&mut buf));
                 let deadline =
                     if first { started + c.limits.header_read } else { Instant::now() + c.limits.client_idle };
-                buf = match next_bytes(tcp, deadline, c.stop, c.stopping).await {
+                buf = match next_bytes(tcp, timer.as_mut(), deadline, c.stop, c.stopping).await {
                     Ok(buf) => buf,
                     Err(why) => {
                         tracing::debug!(peer = %c.info.peer, why, "client connection closed between requests");
@@ -220,17 +225,22 @@ async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request
 /// connection costs only its task; the buffer is allocated when the socket
 /// is readable (a readiness tokio still has from an earlier read is found
 /// stale by a read that would block, and the wait goes on). Ends at
-/// `deadline`, or when the listener stops.
+/// `deadline` (watched with `timer`, the connection's), or when the
+/// listener stops.
 fn next_bytes<'a>(
     tcp: &'a mut TcpStream,
+    mut timer: Pin<&'a mut Sleep>,
     deadline: Instant,
     stop: &watch::Receiver<Option<Duration>>,
     stopping: &'a Notify,
 ) -> NextBytes<'a> {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
     // Made before the stop signal is read: a stop after this read wakes it.
     let stopping = stopping.notified();
     let stopped = stop.borrow().is_some();
-    NextBytes { tcp, timeout: tokio::time::sleep_until(deadline), stopping, stopped }
+    NextBytes { tcp, timer, deadline, stopping, stopped }
 }
 
 pin_project_lite::pin_project! {
@@ -239,8 +249,8 @@ pin_project_lite::pin_project! {
     /// its waker in the socket's registration, not here.
     struct NextBytes<'a> {
         tcp: &'a mut TcpStream,
-        #[pin]
-        timeout: tokio::time::Sleep,
+        timer: Pin<&'a mut Sleep>,
+        deadline: Instant,
         #[pin]
         stopping: Notified<'a>,
         stopped: bool,
@@ -268,8 +278,12 @@ impl Future for NextBytes<'_> {
                 Poll::Pending => {}
             }
         }
-        if this.timeout.poll(cx).is_ready() {
-            return Poll::Ready(Err("timeout (client_idle, or header_read for the first request)"));
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if this.timer.deadline() >= *this.deadline {
+                return Poll::Ready(Err("timeout (client_idle, or header_read for the first request)"));
+            }
+            // An earlier wait's deadline: moved on to this one's.
+            this.timer.as_mut().reset(*this.deadline);
         }
         if this.stopping.poll(cx).is_ready() {
             return Poll::Ready(Err("listener stopping"));
