@@ -118,11 +118,16 @@ impl CookieCodec {
 /// The id in a value's first 16 characters, if they are lowercase hex.
 /// Used on the request path before the full constant-time comparison.
 pub fn parse_id(value: &str) -> Option<u64> {
-    let id_hex = value.get(..ID_HEX)?;
-    if !id_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return None;
-    }
-    u64::from_str_radix(id_hex, 16).ok()
+    let id_hex = value.as_bytes().get(..ID_HEX)?;
+    // One pass, digit by digit (this runs on every request with a cookie).
+    id_hex.iter().try_fold(0u64, |id, &b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        Some(id << 4 | u64::from(digit))
+    })
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a
@@ -147,6 +152,16 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_sixteen_lowercase_hex_digits_at_the_front() {
+        assert_eq!(parse_id("00000000000000ffrest"), Some(255));
+        assert_eq!(parse_id("ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_id("0123456789abcdef"), Some(0x0123_4567_89ab_cdef));
+        for bad in ["00000000000000FF", "000000000000000", "00000000000000g0", "", "é0000000000000000"] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+    }
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
