@@ -242,21 +242,31 @@ pub fn for_backend<B>(req: &mut Request<B>, protocol: Protocol, scheme: &'static
 
 /// Cleans a backend response and, when the client was just (re)assigned,
 /// adds its affinity cookie and keeps the response out of shared caches.
-/// `raw`: the backend's fields not in the head's map (an HTTP/1.1
-/// backend's, already cleaned: [`crate::h1::fields`]).
-pub fn downstream_response<B>(resp: &mut Response<B>, raw: &RawFields, set_cookie: Option<&HeaderValue>) {
+/// `raw`: an HTTP/1.1 backend's fields, kept raw and already cleaned
+/// ([`crate::h1::fields`]); what tether adds goes there too, so the head's
+/// map stays empty (and unallocated).
+pub fn downstream_response<B>(resp: &mut Response<B>, raw: Option<&mut RawFields>, set_cookie: Option<&HeaderValue>) {
     let headers = resp.headers_mut();
     strip_hop_by_hop(headers);
-    if let Some(cookie) = set_cookie {
-        headers.append(header::SET_COOKIE, cookie.clone());
-        let in_map = headers.get_all(header::CACHE_CONTROL).into_iter().map(HeaderValue::as_bytes);
-        let forbids_caching =
-            in_map.chain(raw.get_all("cache-control")).flat_map(|v| v.split(|&b| b == b',')).any(|d| {
-                let d = d.trim_ascii();
-                d.eq_ignore_ascii_case(b"private") || d.eq_ignore_ascii_case(b"no-store")
-            });
-        if !forbids_caching {
-            headers.append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    let Some(cookie) = set_cookie else { return };
+    let in_map = headers.get_all(header::CACHE_CONTROL).into_iter().map(HeaderValue::as_bytes);
+    let in_raw = raw.as_deref().into_iter().flat_map(|r| r.get_all("cache-control"));
+    let forbids_caching = in_map.chain(in_raw).flat_map(|v| v.split(|&b| b == b',')).any(|d| {
+        let d = d.trim_ascii();
+        d.eq_ignore_ascii_case(b"private") || d.eq_ignore_ascii_case(b"no-store")
+    });
+    match raw {
+        Some(raw) => {
+            raw.push(b"set-cookie", cookie.as_bytes());
+            if !forbids_caching {
+                raw.push(b"cache-control", b"private");
+            }
+        }
+        None => {
+            headers.append(header::SET_COOKIE, cookie.clone());
+            if !forbids_caching {
+                headers.append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            }
         }
     }
 }
@@ -265,7 +275,7 @@ pub fn downstream_response<B>(resp: &mut Response<B>, raw: &RawFields, set_cooki
 /// `Connection: upgrade` and `Upgrade` are the answer, so they stay.
 pub fn downstream_switch<B>(resp: &mut Response<B>, set_cookie: Option<&HeaderValue>) {
     let upgrade = resp.headers().get(header::UPGRADE).cloned();
-    downstream_response(resp, &RawFields::default(), set_cookie);
+    downstream_response(resp, None, set_cookie);
     if let Some(protocol) = upgrade {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         resp.headers_mut().insert(header::UPGRADE, protocol);
@@ -540,28 +550,31 @@ mod tests {
     fn inserted_cookie_adds_private_unless_caching_is_already_forbidden() {
         let cookie = HeaderValue::from_static("tether=1; Path=/");
         let mut plain = Response::builder().header("cache-control", "max-age=60").body(()).unwrap();
-        downstream_response(&mut plain, &RawFields::default(), Some(&cookie));
+        downstream_response(&mut plain, None, Some(&cookie));
         let cc: Vec<_> = plain.headers().get_all("cache-control").iter().collect();
         assert_eq!(cc, vec!["max-age=60", "private"]);
 
         let mut no_store = Response::builder().header("cache-control", "no-store").body(()).unwrap();
-        downstream_response(&mut no_store, &RawFields::default(), Some(&cookie));
+        downstream_response(&mut no_store, None, Some(&cookie));
         assert_eq!(no_store.headers().get_all("cache-control").iter().count(), 1);
 
         // The same judgement on an HTTP/1.1 backend's raw fields.
         let mut raw = RawFields::default();
         raw.push(b"Cache-Control", b"max-age=5, Private");
         let mut from_h1 = Response::new(());
-        downstream_response(&mut from_h1, &raw, Some(&cookie));
-        assert!(from_h1.headers().get("cache-control").is_none());
+        downstream_response(&mut from_h1, Some(&mut raw), Some(&cookie));
+        assert!(from_h1.headers().is_empty(), "what tether adds goes to the raw fields");
+        let added: Vec<_> = raw.iter().skip(1).collect();
+        assert_eq!(added, [(&b"set-cookie"[..], &b"tether=1; Path=/"[..])]);
         let mut cacheable = RawFields::default();
         cacheable.push(b"Cache-Control", b"max-age=5");
-        downstream_response(&mut from_h1, &cacheable, Some(&cookie));
-        assert_eq!(from_h1.headers().get("cache-control").unwrap(), "private");
+        downstream_response(&mut from_h1, Some(&mut cacheable), Some(&cookie));
+        let cc: Vec<_> = cacheable.get_all("cache-control").collect();
+        assert_eq!(cc, [&b"max-age=5"[..], &b"private"[..]]);
 
         let mut app_cookie =
             Response::builder().header("set-cookie", "sid=1").header("connection", "close").body(()).unwrap();
-        downstream_response(&mut app_cookie, &RawFields::default(), None);
+        downstream_response(&mut app_cookie, None, None);
         assert_eq!(app_cookie.headers().get("set-cookie").unwrap(), "sid=1");
         assert!(app_cookie.headers().get("cache-control").is_none());
         assert!(app_cookie.headers().get("connection").is_none());

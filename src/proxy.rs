@@ -327,9 +327,10 @@ async fn proxy(
                 // hyper answers in the client's version anyway; an HTTP/2
                 // version from an h2 backend would only make it warn.
                 *resp.version_mut() = Version::HTTP_11;
-                let backend_fields = resp.body_mut().take_fields();
+                let h1 = matches!(resp.body(), UpstreamBody::H1(_));
+                let mut backend_fields = resp.body_mut().take_fields();
                 let mut resp = resp.map(|body| ProxyBody::new(body, in_flight, pool.body_timeout).boxed());
-                forward::downstream_response(&mut resp, &backend_fields, cookie);
+                forward::downstream_response(&mut resp, h1.then_some(&mut backend_fields), cookie);
                 break Ok(Answer { response: resp, backend_fields });
             }
             Ok(Err(SendError::NotSent { request, cause })) => {
