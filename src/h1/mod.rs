@@ -1,8 +1,9 @@
 //! tether's own HTTP/1.1 code for the hot path: the client side of backend
 //! connections ([`client`]), request heads and response heads of the
-//! client side ([`server`]), and the chunked transfer coding ([`chunked`]).
-//! Heads are parsed with `httparse`; header values share the bytes they
-//! were read into.
+//! client side ([`server`]), the chunked transfer coding ([`chunked`]), and
+//! a backend response's header fields kept as raw lines ([`fields`]).
+//! Heads are parsed with `httparse`; a request's header values share the
+//! bytes they were read into.
 
 pub mod chunked;
 pub mod client;
