@@ -472,18 +472,7 @@ fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap, body: &Bod
     let framing = match super::content_length(headers) {
         Ok(Some(n)) => Framing::Length(n),
         _ if body.is_end_stream() => Framing::Length(0),
-        _ => match body.size_hint().exact() {
-            Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-                Framing::Length(n)
-            }
-            None => {
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                Framing::Chunked
-            }
-        },
+        _ => Framing::write_field(body.size_hint().exact(), out),
     };
     out.extend_from_slice(b"\r\n");
     framing

@@ -30,6 +30,23 @@ pub enum Framing {
 }
 
 impl Framing {
+    /// Appends the field that frames a body of `length` bytes (chunked when
+    /// it is not known) and says how the body is then framed.
+    pub fn write_field(length: Option<u64>, out: &mut Vec<u8>) -> Framing {
+        match length {
+            Some(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+                Framing::Length(n)
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        }
+    }
+
     /// Appends one piece of body data in this framing.
     pub fn encode_data(self, data: &[u8], out: &mut Vec<u8>) {
         match self {

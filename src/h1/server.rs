@@ -162,18 +162,8 @@ pub fn encode_response_head(
         let declared = headers.contains_key(http::header::CONTENT_LENGTH);
         let length = size.or_else(|| declared.then(|| super::content_length(headers).ok().flatten()).flatten());
         match length {
-            Some(n) => {
-                if !declared {
-                    out.extend_from_slice(b"content-length: ");
-                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-                Framing::Length(n)
-            }
-            None => {
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                Framing::Chunked
-            }
+            Some(n) if declared => Framing::Length(n),
+            length => Framing::write_field(length, out),
         }
     };
     out.extend_from_slice(b"\r\n");
