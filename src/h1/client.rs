@@ -254,7 +254,13 @@ impl Conn {
                     Poll::Pending => return poll_answer(&mut **io, buf, cx).map_ok(|()| false),
                 }
             }
-            Poll::Ready(Ok(true))
+            // Flushed too: a TLS stream may hold back what it accepted, and
+            // the response is awaited next.
+            match Pin::new(&mut **io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(true)),
+                Poll::Ready(Err(_)) => Poll::Ready(Ok(false)),
+                Poll::Pending => poll_answer(&mut **io, buf, cx).map_ok(|()| false),
+            }
         })
         .await
     }
@@ -364,7 +370,11 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Respon
             Err(super::InvalidLength) => return Err(Error::Invalid("Content-Length")),
         },
     };
-    let keep_alive = if version == Version::HTTP_10 { read.keep_alive } else { !read.close };
+    // A `Transfer-Encoding` beside a `Content-Length`, or in an HTTP/1.0
+    // response, is read as RFC 9112 §6.3 says, but such a connection is not
+    // trusted with another request (§6.1).
+    let suspect_framing = read.transfer_chunked.is_some() && (read.length != Ok(None) || version == Version::HTTP_10);
+    let keep_alive = !suspect_framing && if version == Version::HTTP_10 { read.keep_alive } else { !read.close };
     let mut fields = RawFields::with_capacity(len);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -719,6 +729,16 @@ mod tests {
         let head = take("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nA: 1\r\n\r\nrest", false).unwrap();
         assert_eq!(head.framing, Framing::UntilClose);
         assert_eq!(fields(&head), "A: 1\r\n");
+    }
+
+    #[test]
+    fn transfer_encoding_beside_a_length_or_in_http10_ends_the_connection() {
+        let both = take("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nrest", false);
+        assert!(!both.unwrap().keep_alive);
+        let http10 = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\nrest";
+        assert!(!take(http10, false).unwrap().keep_alive);
+        let plain = take("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nrest", false);
+        assert!(plain.unwrap().keep_alive, "chunked alone keeps it");
     }
 
     #[test]
