@@ -21,11 +21,9 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::ReadBuf;
 
 use super::fields::{RawFields, is_hop_by_hop};
-use super::{FieldAt, Framing, chunked, header_map};
+use super::{FieldAt, Framing, MAX_HEADERS, chunked, header_map};
 use crate::transport::{Body, BoxError, Io};
 
-/// Header fields a response head may have.
-const MAX_HEADERS: usize = 100;
 /// A response head larger than this is refused (502).
 const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// Read size; the buffer grows by at least this much when it is full.

@@ -19,6 +19,9 @@ use http::HeaderMap;
 use http::header::{CONNECTION, CONTENT_LENGTH};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Header fields a request or response head may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {

@@ -10,10 +10,8 @@ use bytes::BytesMut;
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 
 use super::fields::RawFields;
-use super::{FieldAt, Framing, header_map};
+use super::{FieldAt, Framing, MAX_HEADERS, header_map};
 
-/// Header fields a request head may have here (hyper's limit too).
-const MAX_HEADERS: usize = 100;
 /// Headers [`crate::forward::upstream_request`] adds to a request.
 const ADDED_UPSTREAM: usize = 4;
 
