@@ -228,6 +228,8 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     if workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        // The count read here, not tokio's own reading of the variable
+        // (which panics on a value it cannot parse, such as 0).
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
     }
 }

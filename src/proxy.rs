@@ -167,9 +167,15 @@ impl Answer {
             let own = std::mem::take(response.headers_mut());
             let headers = response.headers_mut();
             backend_fields.append_to(headers);
+            // A name comes with a field's first value only; the values
+            // after it (`None`) belong to the same name.
+            let mut last = None;
             for (name, value) in own {
                 if let Some(name) = name {
-                    headers.append(name, value);
+                    last = Some(name);
+                }
+                if let Some(name) = &last {
+                    headers.append(name.clone(), value);
                 }
             }
         }
@@ -584,4 +590,24 @@ pub(crate) fn empty_body() -> Body {
 /// A body of bytes already at hand.
 pub(crate) fn full_body(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_becomes_one_response_with_every_value_of_both_kinds_of_fields() {
+        let mut response = plain_response(StatusCode::OK, "ok\n");
+        response.headers_mut().append(http::header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        response.headers_mut().append(http::header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        let mut backend_fields = RawFields::default();
+        backend_fields.push(b"X-Backend", b"1");
+        backend_fields.push(b"Set-Cookie", b"c=3");
+        let resp = Answer { response, backend_fields }.into_response();
+        let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(cookies, [&b"c=3"[..], &b"a=1"[..], &b"b=2"[..]]);
+        assert_eq!(resp.headers()["x-backend"], "1");
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    }
 }
