@@ -653,8 +653,8 @@ async fn response_fields_pass_as_sent_less_hop_by_hop_ones_to_http1_and_h2_clien
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
-async fn invalid_content_lengths_and_garbage_status_lines_give_502() {
-    const CASES: [(&str, &str); 8] = [
+async fn invalid_content_lengths_garbage_status_lines_and_unknown_transfer_codings_give_502() {
+    const CASES: [(&str, &str); 11] = [
         ("/cl-not-a-number", "HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nabc"),
         ("/cl-negative", "HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello"),
         ("/cl-overflow", "HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\nhello"),
@@ -663,6 +663,11 @@ async fn invalid_content_lengths_and_garbage_status_lines_give_502() {
         ("/status-not-a-number", "HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nok"),
         ("/status-out-of-range", "HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok"),
         ("/status-line-garbage", "HTTP/1.1200OK\r\n\r\n"),
+        // tether decodes chunked only; a body in another transfer coding
+        // would reach the client unlabelled.
+        ("/te-gzip", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        ("/te-chunked-not-last", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nok"),
+        ("/te-two-lines", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
     ];
     let backend = Scripted::start(|seen| {
         let (_, bytes) = CASES.iter().find(|(p, _)| *p == seen.path).expect("a known case");

@@ -357,11 +357,14 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Respon
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let read = read_fields(resp.headers);
-    let framing = match read.transfer_chunked {
+    let framing = match read.transfer {
         _ if no_body => Framing::Length(0),
         // `Transfer-Encoding` wins over a `Content-Length` (RFC 9112 §6.3).
-        Some(true) => Framing::Chunked,
-        Some(false) => Framing::UntilClose,
+        Some(Transfer::Chunked) => Framing::Chunked,
+        // tether removes the field (it is hop-by-hop) and decodes only
+        // chunked: passed on, a body in another coding would reach the
+        // client with nothing to say so.
+        Some(Transfer::Other) => return Err(Error::Invalid("transfer coding other than chunked")),
         None => match read.length {
             Ok(Some(n)) => Framing::Length(n),
             Ok(None) => Framing::UntilClose,
@@ -371,7 +374,7 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Respon
     // A `Transfer-Encoding` beside a `Content-Length`, or in an HTTP/1.0
     // response, is read as RFC 9112 §6.3 says, but such a connection is not
     // trusted with another request (§6.1).
-    let suspect_framing = read.transfer_chunked.is_some() && (read.length != Ok(None) || version == Version::HTTP_10);
+    let suspect_framing = read.transfer.is_some() && (read.length != Ok(None) || version == Version::HTTP_10);
     let keep_alive = !suspect_framing && if version == Version::HTTP_10 { read.keep_alive } else { !read.close };
     let mut fields = RawFields::with_capacity(len);
     for h in resp.headers.iter() {
@@ -389,8 +392,8 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Respon
 
 /// What a response head's fields say about its framing and connection.
 struct FieldFacts {
-    /// `Transfer-Encoding` is present: whether chunked is its last coding.
-    transfer_chunked: Option<bool>,
+    /// The codings `Transfer-Encoding` lists, if it is present.
+    transfer: Option<Transfer>,
     length: Result<Option<u64>, super::InvalidLength>,
     /// `Connection` lists `close`, `keep-alive`, other names.
     close: bool,
@@ -398,9 +401,19 @@ struct FieldFacts {
     names_listed: bool,
 }
 
+/// A response's transfer codings.
+#[derive(Clone, Copy)]
+enum Transfer {
+    /// `chunked` alone.
+    Chunked,
+    /// Any other list: another coding (`gzip, chunked`), `chunked` not
+    /// last, or twice.
+    Other,
+}
+
 fn read_fields(fields: &[httparse::Header<'_>]) -> FieldFacts {
     let mut facts =
-        FieldFacts { transfer_chunked: None, length: Ok(None), close: false, keep_alive: false, names_listed: false };
+        FieldFacts { transfer: None, length: Ok(None), close: false, keep_alive: false, names_listed: false };
     for h in fields {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -410,8 +423,13 @@ fn read_fields(fields: &[httparse::Header<'_>]) -> FieldFacts {
                 facts.length = Err(super::InvalidLength);
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            facts.transfer_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // The lines of the field read as one list (RFC 9110 §5.3).
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+                facts.transfer = match facts.transfer {
+                    None if coding.eq_ignore_ascii_case(b"chunked") => Some(Transfer::Chunked),
+                    _ => Some(Transfer::Other),
+                };
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -722,11 +740,31 @@ mod tests {
 
     #[test]
     fn transfer_encoding_wins_and_neither_it_nor_the_length_is_passed() {
-        let head = take("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\nrest", false);
-        assert_eq!(head.unwrap().framing, Framing::Chunked);
-        let head = take("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nA: 1\r\n\r\nrest", false).unwrap();
-        assert_eq!(head.framing, Framing::UntilClose);
+        let head =
+            take("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nA: 1\r\n\r\nrest", false);
+        let head = head.unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
         assert_eq!(fields(&head), "A: 1\r\n");
+        let spaced = take("HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked ,\r\n\r\nrest", false);
+        assert_eq!(spaced.unwrap().framing, Framing::Chunked, "empty list members do not count");
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_alone_are_refused() {
+        for te in [
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\n{te}\r\nrest");
+            assert!(matches!(take(&text, false), Err(Error::Invalid(_))), "{te}");
+            // A response without a body has nothing to decode.
+            assert_eq!(take(&text, true).unwrap().framing, Framing::Length(0), "{te}");
+            let no_content = text.replace("200 OK", "204 No Content");
+            assert_eq!(take(&no_content, false).unwrap().framing, Framing::Length(0), "{te}");
+        }
     }
 
     #[test]
