@@ -348,6 +348,44 @@ async fn a_silent_connection_does_not_hold_up_a_drain() {
     assert!(closed_without_a_response(&mut proxied).await, "the idle keep-alive connection is closed too");
 }
 
+#[tokio::test]
+async fn a_request_whose_head_completes_after_the_stop_is_answered_then_the_connection_closes() {
+    let (_backend, lb) = echo_tether("").await;
+    let addr = lb.addr();
+    let mut tcp = raw::connect(addr).await;
+    // A head only hyper serves (a chunked body), sent in two parts: the
+    // fast path has read the first when the listener stops, and hands the
+    // request over once the rest arrives.
+    tcp.write_all(b"POST /late HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n").await.unwrap();
+    let client_port = tcp.local_addr().unwrap().port();
+    wait_for("tether to read the first part", || async move { unread_by_tether(addr, client_port) == Some(0) }).await;
+    let shutdown = tokio::spawn(lb.shutdown(Duration::from_secs(30)));
+    wait_for("the listener to stop", || async move { TcpStream::connect(addr).await.is_err() }).await;
+
+    tcp.write_all(b"\r\n5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+    let responses = raw::responses(&raw::read_to_close(&mut tcp).await);
+    assert_eq!(responses.len(), 1, "{responses:?}");
+    assert_eq!(responses[0].status, 200);
+    assert_eq!(responses[0].header("x-echo-uri"), Some("/late"), "proxied: {responses:?}");
+    assert!(shutdown.await.unwrap(), "the drain finished with the request");
+}
+
+/// Bytes the client at `client_port` sent to tether's `listener` that
+/// tether has not read yet (the receive queue of its socket, from
+/// `/proc/net/tcp`); `None` while no such connection is listed.
+fn unread_by_tether(listener: std::net::SocketAddr, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |field: &str| field.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (fields.get(1)?, fields.get(2)?, fields.get(4)?);
+        if port_of(local)? != listener.port() || port_of(remote)? != client_port {
+            return None;
+        }
+        u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+    })
+}
+
 // === HTTP/2 streams ===
 
 #[tokio::test]

@@ -139,6 +139,9 @@ impl Task {
     async fn before_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
         let mut stop = self.stop.clone();
         tokio::select! {
+            // What is already done (a sniff of bytes at hand) is not undone
+            // by a stop that came meanwhile.
+            biased;
             v = fut => Some(v),
             _ = async { let _ = stop.wait_for(Option::is_some).await; } => None,
         }
@@ -244,9 +247,9 @@ impl Task {
                     }
                 };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                Box::pin(self.serve_http(stream, h2, shared, svc, permit)).await
+                Box::pin(self.serve_http(stream, h2, false, shared, svc, permit)).await
             }
-            None if http1_only => Box::pin(self.serve_http(io, false, shared, svc, permit)).await,
+            None if http1_only => Box::pin(self.serve_http(io, false, true, shared, svc, permit)).await,
             None => {
                 let sniff = tokio::time::timeout_at(head_deadline, io.starts_with_h2_preface());
                 let Some(sniff) = self.before_stop(sniff).await else { return };
@@ -262,7 +265,7 @@ impl Task {
                     }
                 };
                 // Boxed: the fast path's idle connections need not carry hyper's size.
-                Box::pin(self.serve_http(io, h2, shared, svc, permit)).await
+                Box::pin(self.serve_http(io, h2, true, shared, svc, permit)).await
             }
         };
         if let Err(e) = result {
@@ -275,6 +278,7 @@ impl Task {
         self,
         io: S,
         h2: bool,
+        bytes_read: bool,
         shared: Arc<ConnShared>,
         svc: F,
         permit: Permit,
@@ -287,8 +291,12 @@ impl Task {
             + 'static,
         F::Future: Send + 'static,
     {
-        if self.stop.borrow().is_some() {
-            // The listener stopped during the PROXY header, handshake or sniff.
+        if !bytes_read && self.stop.borrow().is_some() {
+            // The listener stopped during the PROXY header or the TLS
+            // handshake, before the client sent a byte tether has read.
+            // Once it has (the sniffed bytes, or a head the fast path hands
+            // over), the request is answered: the stop below starts a
+            // graceful shutdown, which lets hyper finish that one request.
             return Ok(());
         }
         let limits = self.builders.limits;
@@ -312,6 +320,10 @@ impl Task {
         let conn = self.builders.h1.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
+            // The connection first: a graceful shutdown before hyper has
+            // read anything closes the connection unread, and bytes of a
+            // request may be at hand already.
+            biased;
             result = conn.as_mut() => Ok(result?),
             _ = async { let _ = stop.wait_for(Option::is_some).await; } => {
                 conn.as_mut().graceful_shutdown();
