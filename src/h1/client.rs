@@ -424,19 +424,19 @@ fn read_fields(fields: &[httparse::Header<'_>]) -> FieldFacts {
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // The lines of the field read as one list (RFC 9110 §5.3).
-            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+            for coding in super::list_items(h.value) {
                 facts.transfer = match facts.transfer {
                     None if coding.eq_ignore_ascii_case(b"chunked") => Some(Transfer::Chunked),
                     _ => Some(Transfer::Other),
                 };
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in super::list_items(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     facts.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     facts.keep_alive = true;
-                } else if !token.is_empty() {
+                } else {
                     facts.names_listed = true;
                 }
             }
@@ -450,8 +450,8 @@ fn listed_in_connection(fields: &[httparse::Header<'_>], name: &[u8]) -> bool {
     fields
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
+        .flat_map(|h| super::list_items(h.value))
+        .any(|token| token.eq_ignore_ascii_case(name))
 }
 
 /// Ready once the backend has answered (a final head after any interim

@@ -10,8 +10,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Fields that describe one connection, never passed on by a proxy (RFC
-/// 9110 §7.6.1), as lowercase names. `forward.rs` holds the same list as
-/// `HeaderName`s.
+/// 9110 §7.6.1), as lowercase names.
 pub const HOP_BY_HOP: [&str; 7] =
     ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
 

@@ -157,14 +157,20 @@ pub fn parse_length(value: &[u8]) -> Option<u64> {
     Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
+/// The elements of a field value that is a comma list (RFC 9110 §5.6.1):
+/// `Connection` tokens, transfer codings, cache directives. White space
+/// around them is trimmed and empty ones are skipped.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|item| !item.is_empty())
+}
+
 /// Whether a `Connection` header lists `token`.
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| list_items(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// A stream with bytes already read from it put back in front (what
@@ -223,6 +229,18 @@ mod tests {
         assert_eq!(content_length(&h), Err(InvalidLength));
         h.insert(CONTENT_LENGTH, "+1".parse().unwrap());
         assert_eq!(content_length(&h), Err(InvalidLength));
+    }
+
+    #[test]
+    fn list_items_are_trimmed_and_empty_ones_skipped() {
+        let items: Vec<&[u8]> = list_items(b" close ,,\tX-Private , ").collect();
+        assert_eq!(items, [&b"close"[..], &b"X-Private"[..]]);
+        assert_eq!(list_items(b" , ").count(), 0);
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, "keep-alive".parse().unwrap());
+        h.append(CONNECTION, "x-a, Close".parse().unwrap());
+        assert!(connection_has(&h, "close"), "any line, any case");
+        assert!(!connection_has(&h, "x"));
     }
 
     #[test]

@@ -80,8 +80,7 @@ pub fn take_request(buf: &mut BytesMut, bounds: Bounds) -> Head {
                     _ => return Head::HandOff,
                 }
             } else if name.eq_ignore_ascii_case("connection") {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in super::list_items(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         facts.close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
