@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -121,6 +121,20 @@ impl std::fmt::Display for ProxyError {
             other => f.write_str(other.message().trim_end()),
         }
     }
+}
+
+/// tether's own answer to a request it does not proxy (a refused head, a
+/// stalled body), with the access log line the proxy would have written.
+pub fn refused<B>(
+    runtime: &Runtime,
+    conn: &ConnInfo,
+    req: &Request<B>,
+    status: StatusCode,
+    text: &'static str,
+) -> Response<Body> {
+    let snap = runtime.snapshot();
+    snap.access_log.write(&crate::access_log::Entry::unrouted(&snap, conn, req, status.as_u16(), Duration::ZERO));
+    plain_response(status, text)
 }
 
 pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> {

@@ -100,18 +100,10 @@ fn refuse(
     text: &'static str,
     close_it: bool,
 ) -> Response<Body> {
-    let mut resp = plain_response(status, text);
+    let mut resp = crate::proxy::refused(&d.runtime, &d.info, req, status, text);
     if close_it {
         close(&mut resp);
     }
-    let snap = d.runtime.snapshot();
-    snap.access_log.write(&crate::access_log::Entry::unrouted(
-        &snap,
-        &d.info,
-        req,
-        status.as_u16(),
-        std::time::Duration::ZERO,
-    ));
     resp
 }
 

@@ -32,7 +32,7 @@ use tokio_util::io::poll_read_buf;
 use crate::Runtime;
 use crate::h1::Framing;
 use crate::h1::server::{Bounds, Head, encode_response_head, may_be_h2_preface, take_request};
-use crate::proxy::{Answer, ConnInfo, empty_body, full_body, plain_response};
+use crate::proxy::{Answer, ConnInfo, empty_body, full_body, refused};
 use crate::snapshot::ClientLimits;
 
 /// Request bodies up to this size are read whole before the request is
@@ -214,10 +214,7 @@ fn client_left<T>(tcp: &TcpStream, watch: &mut bool, cx: &mut Context<'_>) -> Po
 /// 408 with `Connection: close`, as hyper's path answers a stalled body;
 /// nothing was sent to a backend.
 async fn body_timed_out(c: &Client<'_>, tcp: &mut TcpStream, req: &http::Request<()>) {
-    let snap = c.runtime.snapshot();
-    let status = StatusCode::REQUEST_TIMEOUT;
-    snap.access_log.write(&crate::access_log::Entry::unrouted(&snap, c.info, req, status.as_u16(), Duration::ZERO));
-    let resp = plain_response(status, "request body timeout\n");
+    let resp = refused(c.runtime, c.info, req, StatusCode::REQUEST_TIMEOUT, "request body timeout\n");
     let _ = write_response(tcp, resp.into(), false, true, c.limits.client_idle).await;
 }
 
